@@ -1,0 +1,61 @@
+# The two commands a newcomer needs: `make run` and `make test`. Each creates .venv and
+# installs the project (with its compiled cffi fast path) into it first.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+AS     ?= as
+LD     ?= ld
+
+GUESTS64 := hello64 user64 memtouch64 pio-loop64 smp64 spin64 ud64 mmio64
+GUESTS32 := hello32
+GUESTS16 := hello16 triple-fault
+GUEST_IMAGES := $(GUESTS64:%=guests/%.elf) $(GUESTS32:%=guests/%.elf) $(GUESTS16:%=guests/%.bin)
+GUEST_DEPS := guests/include/vmm.inc guests/include/lib64.S
+
+.SECONDARY:
+
+.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private clean
+
+$(STAMP): pyproject.toml setup.py kvm_abi/_cdefs.py kvm_abi/_build.py
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/vmm run guests/hello64.elf
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvm_abi vmm tests bench lab
+	$(VENV)/bin/ruff format --check kvm_abi vmm tests bench lab
+
+# --- guests: sources in guests/, images committed (rebuilt byte-identical) ----------------
+guests: $(GUEST_IMAGES)
+
+guests/build/%.o: guests/%.S $(GUEST_DEPS)
+	@mkdir -p guests/build
+	$(AS) --64 -I guests/include -o $@ $<
+
+guests/%.elf: guests/build/%.o guests/link64.ld
+	$(LD) -m elf_x86_64 -T guests/link64.ld -nostdlib --build-id=none -z noexecstack -z max-page-size=0x1000 --no-warn-rwx-segments -o $@ $<
+
+guests/hello32.elf: guests/hello32.S guests/link32.ld $(GUEST_DEPS)
+	@mkdir -p guests/build
+	$(AS) --32 -I guests/include -o guests/build/hello32.o $<
+	$(LD) -m elf_i386 -T guests/link32.ld -nostdlib --build-id=none -z noexecstack -z max-page-size=0x1000 --no-warn-rwx-segments -o $@ guests/build/hello32.o
+
+guests/%.bin: guests/%.S $(GUEST_DEPS)
+	@mkdir -p guests/build
+	$(AS) --32 -I guests/include -o guests/build/$*.o16 $<
+	$(LD) -m elf_i386 -Ttext=0x7c00 -e start --oformat=binary -nostdlib --build-id=none -o $@ guests/build/$*.o16
+
+bench: $(STAMP)
+	$(MAKE) -C bench
+	$(VPY) bench/exits.py
+
+clean:
+	rm -rf guests/build bench/build .pytest_cache

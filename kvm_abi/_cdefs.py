@@ -1,0 +1,359 @@
+"""C declarations of the KVM userspace ABI (x86-64), one string per area.
+
+Each string is both a cffi ``cdef`` and valid C: the compiled fast path
+(``_build.py``) pastes the same text into its C source, so ABI mode and API
+mode see byte-identical layouts, and the system's ``linux/kvm.h`` (which may
+be older than the kernel) is never needed. Layouts follow Linux 6.12/7.2 UAPI
+headers; tests pin every size and offset against kvm-abi.md and, where the
+system header has the struct, against the C compiler.
+"""
+
+REGS = """
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t  type;
+    uint8_t  present, dpl, db, s, l, g, avl;
+    uint8_t  unusable;
+    uint8_t  padding;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    uint16_t padding[3];
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    uint64_t interrupt_bitmap[4];
+};
+
+struct kvm_fpu {
+    uint8_t  fpr[8][16];
+    uint16_t fcw;
+    uint16_t fsw;
+    uint8_t  ftwx;
+    uint8_t  pad1;
+    uint16_t last_opcode;
+    uint64_t last_ip;
+    uint64_t last_dp;
+    uint8_t  xmm[16][16];
+    uint32_t mxcsr;
+    uint32_t pad2;
+};
+
+struct kvm_msr_entry {
+    uint32_t index;
+    uint32_t reserved;
+    uint64_t data;
+};
+
+struct kvm_msrs {
+    uint32_t nmsrs;
+    uint32_t pad;
+    struct kvm_msr_entry entries[];
+};
+
+struct kvm_msr_list {
+    uint32_t nmsrs;
+    uint32_t indices[];
+};
+
+struct kvm_cpuid_entry2 {
+    uint32_t function;
+    uint32_t index;
+    uint32_t flags;
+    uint32_t eax, ebx, ecx, edx;
+    uint32_t padding[3];
+};
+
+struct kvm_cpuid2 {
+    uint32_t nent;
+    uint32_t padding;
+    struct kvm_cpuid_entry2 entries[];
+};
+
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+
+struct kvm_guest_debug_arch {
+    uint64_t debugreg[8];
+};
+
+struct kvm_guest_debug {
+    uint32_t control;
+    uint32_t pad;
+    struct kvm_guest_debug_arch arch;
+};
+
+struct kvm_debug_exit_arch {
+    uint32_t exception;
+    uint32_t pad;
+    uint64_t pc;
+    uint64_t dr6;
+    uint64_t dr7;
+};
+
+struct kvm_translation {
+    uint64_t linear_address;
+    uint64_t physical_address;
+    uint8_t  valid;
+    uint8_t  writeable;
+    uint8_t  usermode;
+    uint8_t  pad[5];
+};
+"""
+
+MEMORY = """
+struct kvm_userspace_memory_region {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_userspace_memory_region2 {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+    uint64_t guest_memfd_offset;
+    uint32_t guest_memfd;
+    uint32_t pad1;
+    uint64_t pad2[14];
+};
+
+struct kvm_create_guest_memfd {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t reserved[6];
+};
+
+struct kvm_memory_attributes {
+    uint64_t address;
+    uint64_t size;
+    uint64_t attributes;
+    uint64_t flags;
+};
+
+/* Mainline (Linux >= 6.11): a vCPU ioctl, updated in place like read(). */
+struct kvm_pre_fault_memory {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t flags;
+    uint64_t padding[5];
+};
+
+/* The RFC ABI (KVM_MAP_MEMORY, March 2024, never merged): pages, not bytes,
+   protection flags, and an optional page of initial contents per page. */
+struct kvm_memory_mapping {
+    uint64_t base_gfn;
+    uint64_t nr_pages;
+    uint64_t flags;
+    uint64_t source;
+};
+
+struct kvm_dirty_log {
+    uint32_t slot;
+    uint32_t padding1;
+    uint64_t dirty_bitmap;  /* union { void *dirty_bitmap; __u64 padding2; } */
+};
+"""
+
+VM = """
+struct kvm_pit_config {
+    uint32_t flags;
+    uint32_t pad[15];
+};
+
+struct kvm_irq_level {
+    uint32_t irq;  /* union { __u32 irq; __s32 status; } */
+    uint32_t level;
+};
+
+struct kvm_enable_cap {
+    uint32_t cap;
+    uint32_t flags;
+    uint64_t args[4];
+    uint8_t  pad[64];
+};
+
+struct kvm_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
+    uint32_t flags;
+    uint32_t devid;
+    uint8_t  pad[12];
+};
+"""
+
+RUN = """
+struct kvm_run {
+    uint8_t  request_interrupt_window;
+    uint8_t  immediate_exit;
+    uint8_t  padding1[6];
+    uint32_t exit_reason;
+    uint8_t  ready_for_interrupt_injection;
+    uint8_t  if_flag;
+    uint16_t flags;
+    uint64_t cr8;
+    uint64_t apic_base;
+    union {
+        struct { uint64_t hardware_exit_reason; } hw;
+        struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } fail_entry;
+        struct { uint32_t exception; uint32_t error_code; } ex;
+        struct {
+            uint8_t  direction;
+            uint8_t  size;
+            uint16_t port;
+            uint32_t count;
+            uint64_t data_offset;
+        } io;
+        struct { struct kvm_debug_exit_arch arch; } debug;
+        struct {
+            uint64_t phys_addr;
+            uint8_t  data[8];
+            uint32_t len;
+            uint8_t  is_write;
+        } mmio;
+        struct {
+            uint64_t nr;
+            uint64_t args[6];
+            uint64_t ret;
+            uint64_t flags;  /* union { __u32 longmode; __u64 flags; } in the header */
+        } hypercall;
+        struct { uint64_t rip; uint32_t is_write; uint32_t pad; } tpr_access;
+        struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } internal;
+        struct {
+            uint32_t suberror;
+            uint32_t ndata;
+            uint64_t flags;
+            uint8_t  insn_size;
+            uint8_t  insn_bytes[15];
+        } emulation_failure;
+        struct {
+            uint32_t type;
+            uint32_t ndata;
+            uint64_t data[16];  /* union { __u64 flags; __u64 data[16]; }: flags is data[0] */
+        } system_event;
+        struct { uint8_t vector; } eoi;
+        struct {
+            uint8_t  error;
+            uint8_t  pad[7];
+            uint32_t reason;
+            uint32_t index;
+            uint64_t data;
+        } msr;
+        struct { uint32_t flags; } notify;
+        struct { uint64_t flags; uint64_t gpa; uint64_t size; } memory_fault;
+        char padding[256];
+    };
+    uint64_t kvm_valid_regs;
+    uint64_t kvm_dirty_regs;
+    union {
+        char padding[2048];
+    } s;
+};
+"""
+
+TYPES = REGS + MEMORY + VM + RUN
+
+# libc entry points the VMM needs beyond Python's os/mmap modules. ``ioctl`` is
+# variadic, so in ABI mode every argument after the request must be cdata.
+LIBC = """
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
+int madvise(void *addr, size_t length, int advice);
+int mincore(void *addr, size_t length, unsigned char *vec);
+int fallocate(int fd, int mode, long offset, long len);
+"""
+
+LIBC_ABI = LIBC + """
+int ioctl(int fd, unsigned long request, ...);
+"""
+
+# The compiled module exposes non-variadic wrappers (cheaper to call, and they
+# take Python ints) plus a C no-op signal handler used to kick vCPUs out of
+# KVM_RUN; a handler written in Python could not run on a vCPU thread.
+LIBC_API = LIBC + """
+int vmm_ioctl_ptr(int fd, unsigned long request, void *arg);
+int vmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
+int vmm_install_kick_handler(int signo);
+int vmm_kvm_run(int fd);
+const char *vmm_cdefs_digest(void);
+"""
+
+def digest() -> str:
+    """A digest of the declarations; the compiled module embeds the one it was built from,
+    so a stale build (declarations changed since) is detected and not used."""
+    import hashlib
+
+    return hashlib.sha256((TYPES + LIBC).encode()).hexdigest()[:16]
+
+
+API_SOURCE = r"""
+#include <stdint.h>
+#include <stddef.h>
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <fcntl.h>
+#include <unistd.h>
+""" + TYPES + r"""
+static int vmm_ioctl_ptr(int fd, unsigned long request, void *arg)
+{
+    return ioctl(fd, request, arg);
+}
+
+static int vmm_ioctl_int(int fd, unsigned long request, unsigned long arg)
+{
+    return ioctl(fd, request, arg);
+}
+
+/* KVM_RUN for the hot path: 0, or -errno (no Python-side errno read). */
+static int vmm_kvm_run(int fd)
+{
+    return ioctl(fd, 0xAE80UL, 0UL) < 0 ? -errno : 0;
+}
+
+static const char *vmm_cdefs_digest(void)
+{
+    return VMM_CDEFS_DIGEST;
+}
+
+static void vmm_kick_noop(int signo)
+{
+    (void)signo;  /* only there so that the signal interrupts KVM_RUN */
+}
+
+static int vmm_install_kick_handler(int signo)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = vmm_kick_noop;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  /* no SA_RESTART: KVM_RUN must return EINTR */
+    return sigaction(signo, &sa, NULL);
+}
+"""
+
+API_SOURCE = f'#define VMM_CDEFS_DIGEST "{digest()}"\n' + API_SOURCE

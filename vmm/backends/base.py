@@ -1,0 +1,101 @@
+"""The protocol every backend implements, so the machine, devices and loaders do not
+care where vCPUs execute (KVM in the kernel, or the in-process emulator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vmm.cpu.state import CpuState
+from vmm.devices.bus import Bus
+from vmm.memory import Backing, GuestMemory, GuestRegion
+
+
+class StopFlag:
+    """Set once by the machine (exit request, crash, timeout); read by every vCPU loop
+    after each exit. A plain attribute: cheaper than an Event on the hot path."""
+
+    __slots__ = ("requested",)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuOutcome:
+    """How a vCPU's run loop ended.
+
+    ``kind``: ``"halted"`` (HLT with nothing to wake it), ``"stopped"`` (the machine
+    asked), or ``"crashed"`` (triple fault, internal error, failed entry, unhandled
+    exit, a fault the emulator cannot deliver). ``detail`` says what happened;
+    ``rip`` is where, when known.
+    """
+
+    kind: str
+    detail: str = ""
+    rip: int | None = None
+    triple_fault: bool = False
+
+
+HALTED = VcpuOutcome("halted", "halted")
+STOPPED = VcpuOutcome("stopped", "stopped")
+
+
+@dataclass
+class ExitCounts:
+    """Exits of one vCPU, by kind."""
+
+    io: int = 0
+    mmio: int = 0
+    hlt: int = 0
+    interrupted: int = 0
+    other: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        out = {"io": self.io, "mmio": self.mmio, "hlt": self.hlt, "interrupted": self.interrupted, "other": self.other}
+        out.update(self.extra)
+        return out
+
+    @property
+    def total(self) -> int:
+        return self.io + self.mmio + self.hlt + self.interrupted + self.other
+
+
+class VcpuRunner(Protocol):
+    """One vCPU of a backend."""
+
+    index: int
+    counts: ExitCounts
+
+    def set_state(self, state: CpuState) -> None:
+        """Load the boot register state."""
+
+    def run_loop(self, bus: Bus, stop: StopFlag) -> VcpuOutcome:
+        """Run (on the calling thread) until halt, crash, or ``stop.requested``; port and
+        MMIO accesses go to ``bus``. Must return promptly after ``kick()``."""
+
+    def kick(self) -> None:
+        """From another thread: make ``run_loop`` notice ``stop`` soon."""
+
+    def regs(self) -> dict[str, int]:
+        """General registers (rax..r15, rip, rflags) for reports."""
+
+    def close(self) -> None:
+        """Release the vCPU (idempotent)."""
+
+
+class Backend(Protocol):
+    """Where a machine's vCPUs execute."""
+
+    name: str
+    memory: GuestMemory
+
+    def add_ram(self, gpa: int, size: int, backing: Backing) -> GuestRegion:
+        """Allocate guest RAM at ``gpa`` and make the vCPUs see it."""
+
+    def create_vcpu(self, index: int) -> VcpuRunner:
+        """vCPU ``index``."""
+
+    def close(self) -> None:
+        """Release vCPUs, memory and handles (idempotent)."""

@@ -1,0 +1,205 @@
+"""The KVM backend: guest RAM in memslots, vCPUs in KVM_RUN, one thread each.
+
+The run loop is the hot path: it reads the shared ``kvm_run`` page through cffi,
+looks the port up in the bus's per-port table, and hands the device a slice of
+the PIO page. No per-exit allocation beyond that slice.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import kvm_abi as abi
+from kvm_abi import Cap, ExitReason, KvmError, ffi
+from vmm import exits as ex
+from vmm.backends.base import HALTED, STOPPED, ExitCounts, StopFlag, VcpuOutcome
+from vmm.backends.kvm_state import apply_state, read_regs
+from vmm.cpu.state import CpuState
+from vmm.devices.bus import Bus
+from vmm.errors import ConfigError
+from vmm.kvm import Kvm
+from vmm.memory import Backing, GuestMemory, GuestRegion
+from vmm.vcpu import Vcpu, ensure_kick_handler
+from vmm.vm import Vm
+
+_IO = int(ExitReason.IO)
+_MMIO = int(ExitReason.MMIO)
+_HLT = int(ExitReason.HLT)
+_EINTR = -errno.EINTR
+_EAGAIN = -errno.EAGAIN
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + 8
+
+
+def cpuid_for_vcpu(supported: Any, index: int) -> Any:
+    """A copy of KVM's supported CPUID with this vCPU's APIC id filled in (leaf 1 EBX
+    bits 31:24, leaves 0xb/0x1f EDX), as a guest enumerating CPUs expects."""
+    n = supported.nent
+    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+    ffi.memmove(cpuid.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
+    for i in range(n):
+        e = cpuid.entries[i]
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x00FFFFFF) | ((index & 0xFF) << 24)
+        elif e.function in (0xB, 0x1F):
+            e.edx = index
+    return cpuid
+
+
+class KvmVcpuRunner:
+    """A KVM vCPU driven by the machine's run loop."""
+
+    __slots__ = ("index", "vcpu", "counts", "_cpuid")
+
+    def __init__(self, vcpu: Vcpu, cpuid: Any) -> None:
+        self.index = vcpu.index
+        self.vcpu = vcpu
+        self.counts = ExitCounts()
+        vcpu.set_cpuid2(cpuid)
+
+    def set_state(self, state: CpuState) -> None:
+        apply_state(self.vcpu, state)
+
+    def regs(self) -> dict[str, int]:
+        return read_regs(self.vcpu)
+
+    def kick(self) -> None:
+        self.vcpu.kick()
+
+    def close(self) -> None:
+        self.vcpu.close()
+
+    def run_loop(self, bus: Bus, stop: StopFlag) -> VcpuOutcome:
+        vcpu = self.vcpu
+        vcpu.bind_thread()
+        try:
+            return self._loop(bus, stop)
+        finally:
+            vcpu.unbind_thread()
+
+    def _loop(self, bus: Bus, stop: StopFlag) -> VcpuOutcome:
+        vcpu = self.vcpu
+        run = vcpu.run_struct
+        io = run.io
+        mmio = run.mmio
+        fd = vcpu.fd
+        view = vcpu.shared_page
+        kvm_run = abi.kvm_run
+        out_table, in_table = bus.pio_handlers()
+        counts = self.counts
+        n_io = n_mmio = n_intr = 0
+        try:
+            while not stop.requested:
+                rc = kvm_run(fd)
+                if rc:
+                    if rc == _EINTR or rc == _EAGAIN:
+                        run.immediate_exit = 0
+                        n_intr += 1
+                        continue
+                    return self._failed_run(-rc)
+                reason = run.exit_reason
+                if reason == _IO:
+                    n_io += 1
+                    port = io.port
+                    size = io.size
+                    start = io.data_offset
+                    length = size * io.count
+                    data = view[start : start + length]
+                    if io.direction:  # KVM_EXIT_IO_OUT
+                        entry = out_table.get(port)
+                        if entry is not None and length == size:
+                            entry[0](entry[1], data)
+                        else:
+                            bus.pio_write(port, size, data)
+                    else:
+                        entry = in_table.get(port)
+                        if entry is not None and length == size:
+                            entry[0](entry[1], data)
+                        else:
+                            bus.pio_read(port, size, data)
+                    continue
+                if reason == _MMIO:
+                    n_mmio += 1
+                    data = view[_MMIO_DATA : _MMIO_DATA + mmio.len]
+                    if mmio.is_write:
+                        bus.mmio_write(mmio.phys_addr, data)
+                    else:
+                        data[:] = bytes(len(data))
+                        bus.mmio_read(mmio.phys_addr, data)
+                    continue
+                if reason == _HLT:
+                    counts.hlt += 1
+                    return HALTED
+                counts.other += 1
+                return self._unusual_exit(vcpu.decode_exit())
+            return STOPPED
+        finally:
+            counts.io += n_io
+            counts.mmio += n_mmio
+            counts.interrupted += n_intr
+
+    def _rip(self) -> int | None:
+        try:
+            return self.regs()["rip"]
+        except KvmError:
+            return None
+
+    def _failed_run(self, err: int) -> VcpuOutcome:
+        run = self.vcpu.run_struct
+        if err in (errno.EFAULT, errno.EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
+            mf = run.memory_fault
+            return VcpuOutcome("crashed", ex.MemoryFault(mf.flags, mf.gpa, mf.size).describe(), self._rip())
+        return VcpuOutcome("crashed", str(KvmError(err, "KVM_RUN", self.vcpu.name)), self._rip())
+
+    def _unusual_exit(self, exit_: ex.Exit) -> VcpuOutcome:
+        rip = self._rip()
+        if exit_ is ex.SHUTDOWN:
+            return VcpuOutcome("crashed", "triple fault (shutdown)", rip, triple_fault=True)
+        if isinstance(exit_, ex.SystemEvent):
+            kind = "crashed" if exit_.type == abi.SystemEvent.CRASH else "halted"
+            return VcpuOutcome(kind, exit_.describe(), rip)
+        if isinstance(exit_, ex.InternalError | ex.FailEntry | ex.Unsupported | ex.MemoryFault):
+            return VcpuOutcome("crashed", exit_.describe(), rip)
+        return VcpuOutcome("crashed", f"unexpected exit {exit_!r}", rip)
+
+
+class KvmBackend:
+    """KVM: a VM with memslots; vCPUs run in the kernel."""
+
+    name = "kvm"
+
+    def __init__(self, kvm: Kvm | None = None) -> None:
+        self.kvm = kvm or Kvm()
+        self._owns_kvm = kvm is None
+        try:
+            self.vm: Vm = self.kvm.create_vm()
+            # Three pages KVM needs for real mode on VMX hosts; inside the MMIO hole.
+            self.vm.set_tss_addr()
+            self._supported_cpuid = self.kvm.get_supported_cpuid()
+            self.max_vcpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS) or 4
+        except BaseException:
+            self.close()
+            raise
+        self._runners: list[KvmVcpuRunner] = []
+        ensure_kick_handler()
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self.vm.memory
+
+    def add_ram(self, gpa: int, size: int, backing: Backing) -> GuestRegion:
+        return self.vm.add_memory(gpa, size, backing)
+
+    def create_vcpu(self, index: int) -> KvmVcpuRunner:
+        if index >= self.max_vcpus:
+            raise ConfigError(f"this KVM supports at most {self.max_vcpus} vCPUs")
+        runner = KvmVcpuRunner(self.vm.create_vcpu(index), cpuid_for_vcpu(self._supported_cpuid, index))
+        self._runners.append(runner)
+        return runner
+
+    def close(self) -> None:
+        vm = getattr(self, "vm", None)
+        if vm is not None:
+            vm.close()
+        if self._owns_kvm:
+            self.kvm.close()

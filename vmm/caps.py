@@ -1,0 +1,93 @@
+"""``vmm caps``: what the host's KVM offers, by name, and what that means for a user."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvm_abi import Cap, GuestMemfdFlag, KvmError, VmType
+from vmm.errors import Unavailable
+from vmm.kvm import Kvm, kvm_device_path
+
+# The capabilities this project uses, in the order the report lists them.
+USED_CAPS = (
+    Cap.USER_MEMORY, Cap.SET_TSS_ADDR, Cap.SET_IDENTITY_MAP_ADDR, Cap.EXT_CPUID, Cap.NR_VCPUS,
+    Cap.MAX_VCPUS, Cap.MAX_VCPU_ID, Cap.NR_MEMSLOTS, Cap.IRQCHIP, Cap.PIT2, Cap.IMMEDIATE_EXIT,
+    Cap.INTERNAL_ERROR_DATA, Cap.SET_GUEST_DEBUG, Cap.CHECK_EXTENSION_VM, Cap.READONLY_MEM,
+    Cap.SYNC_MMU, Cap.COALESCED_MMIO, Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO, Cap.MEMORY_ATTRIBUTES,
+    Cap.GUEST_MEMFD, Cap.GUEST_MEMFD_FLAGS, Cap.VM_TYPES, Cap.PRE_FAULT_MEMORY,
+)
+
+
+def _flag_names(value: int, flags: type[GuestMemfdFlag]) -> str:
+    names = [f.name for f in flags if value & f and f.name]
+    return "|".join(names) if names else "none"
+
+
+def _vm_types(mask: int) -> str:
+    names = [t.name.lower() for t in VmType if mask & (1 << t)]
+    return ", ".join(names) if names else "default"
+
+
+def caps_report() -> dict[str, Any]:
+    """A flat dict: capability names (without ``KVM_CAP_``) -> values, plus lowercase
+    keys ``device``, ``api_version``, ``kvm`` (usable?), ``backend`` (what ``auto`` picks),
+    ``reason`` (why not KVM) and ``notes`` (what the values mean)."""
+    device = kvm_device_path()
+    report: dict[str, Any] = {"device": device}
+    try:
+        with Kvm(device) as kvm:
+            report["api_version"] = kvm.get_api_version()
+            for cap in USED_CAPS:
+                report[cap.name] = kvm.check_extension(cap)
+            with kvm.create_vm() as vm:
+                # Per-VM answers can differ from /dev/kvm's (guest_memfd flags do).
+                report[Cap.GUEST_MEMFD_FLAGS.name] = vm.check_extension(Cap.GUEST_MEMFD_FLAGS)
+    except (Unavailable, KvmError) as e:
+        report.update(kvm=False, backend="emulator", reason=str(e), notes=[f"KVM is not usable: {e}"])
+        return report
+    report.update(kvm=True, backend="kvm", reason="")
+    report["notes"] = _notes(report)
+    return report
+
+
+def _notes(r: dict[str, Any]) -> list[str]:
+    notes = []
+    if r["PRE_FAULT_MEMORY"]:
+        notes.append("pre-fault: available (KVM_PRE_FAULT_MEMORY; --prefault auto uses it)")
+    else:
+        notes.append(
+            "pre-fault: not available (no two-dimensional paging: shadow paging or no EPT/NPT); "
+            "--prefault auto populates in-process instead"
+        )
+    if r["GUEST_MEMFD"]:
+        flags = r["GUEST_MEMFD_FLAGS"]
+        mappable = flags & (GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED) == (
+            GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED
+        )
+        notes.append(
+            f"guest_memfd: available, flags {_flag_names(flags, GuestMemfdFlag)}"
+            + ("; --memory guest-memfd works" if mappable else "; not host-mappable, --memory guest-memfd unavailable")
+        )
+    else:
+        notes.append("guest_memfd: not available")
+    notes.append(f"VM types: {_vm_types(r['VM_TYPES'])}" if r["VM_TYPES"] else "VM types: default only")
+    if not r["MEMORY_ATTRIBUTES"]:
+        notes.append("memory attributes (private memory): not available")
+    notes.append(f"vCPUs: {r['NR_VCPUS']} recommended, {r['MAX_VCPUS']} at most")
+    return notes
+
+
+def format_caps(r: dict[str, Any]) -> str:
+    """The human-readable table."""
+    lines = [f"device       {r['device']}"]
+    if not r.get("kvm"):
+        lines += [f"kvm          not usable: {r['reason']}", "backend      emulator (what --backend auto picks)"]
+        return "\n".join(lines)
+    lines.append(f"api version  {r['api_version']}")
+    lines.append("backend      kvm (what --backend auto picks)")
+    lines.append("capabilities")
+    for cap in USED_CAPS:
+        lines.append(f"  {cap.name:<24} {r[cap.name]:>6}  (KVM_CAP_{cap.name} = {int(cap)})")
+    lines.append("meaning")
+    lines += [f"  {n}" for n in r["notes"]]
+    return "\n".join(lines)

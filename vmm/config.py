@@ -1,0 +1,123 @@
+"""``MachineConfig``: everything ``vmm run`` takes, validated before any fd is opened."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from vmm.cpu.layout import BootLayout, CpuMode
+from vmm.errors import InputError
+from vmm.memory import DEFAULT_BACKING, Backing, parse_backing
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+BACKENDS = ("auto", "kvm", "emulator")
+DEFAULT_TIMEOUT = 60.0
+
+
+def parse_size(text: str | int) -> int:
+    """``"64M"`` -> 67108864. Suffixes K, M, G, T (optionally KiB, MB, ...); a bare number
+    means MiB, as in QEMU's ``-m``. InputError for anything else."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise InputError(f"bad size {text!r}: use a number with K, M, G or T (e.g. 64M)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_number(text: str | int, what: str) -> int:
+    """``"0x7c00"`` or ``"31744"`` -> 31744; InputError naming ``what`` otherwise."""
+    if isinstance(text, int):
+        return text
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise InputError(f"bad {what} {text!r}: use a number such as 0x100000") from None
+    if value < 0:
+        raise InputError(f"bad {what} {text!r}: must not be negative")
+    return value
+
+
+def host_memory_bytes() -> int:
+    """Physical RAM of this host (psutil)."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """A machine to build and run. Sizes may be given as strings ("64M")."""
+
+    image: str
+    mem: int | str = "64M"
+    vcpus: int = 1
+    mode: CpuMode | str | None = None
+    load_addr: int | str | None = None
+    entry: int | str | None = None
+    args: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = DEFAULT_TIMEOUT
+    strict: bool = False
+    backend: str = "auto"
+    memory: Backing | str = DEFAULT_BACKING
+    prefault: str | None = None
+    prefault_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        put("image", str(self.image))
+        put("mem", parse_size(self.mem))
+        if self.mode is not None:
+            try:
+                put("mode", CpuMode(self.mode))
+            except ValueError:
+                raise InputError(f"unknown mode {self.mode!r} (choose from {', '.join(m.value for m in CpuMode)})") from None
+        if self.load_addr is not None:
+            put("load_addr", parse_number(self.load_addr, "load address"))
+        if self.entry is not None:
+            put("entry", parse_number(self.entry, "entry address"))
+        put("args", MappingProxyType(dict(self.args)))
+        put("memory", parse_backing(self.memory))
+        self.validate()
+
+    def validate(self) -> None:
+        """InputError for anything impossible, before any resource is taken."""
+        mem = int(self.mem)
+        if mem <= 0:
+            raise InputError("--mem must be more than 0")
+        if mem % 4096:
+            raise InputError(f"--mem {mem} bytes is not a multiple of 4 KiB")
+        if mem > BootLayout.MAX_RAM:
+            raise InputError(f"--mem {mem >> 30} GiB is more than the {BootLayout.MAX_RAM >> 30} GiB this VMM supports")
+        host = host_memory_bytes()
+        if mem > host:
+            raise InputError(f"--mem {_human(mem)} is more than this host's {_human(host)} of RAM")
+        if mem < 1 << 20:
+            raise InputError(f"--mem {_human(mem)} is too small: at least 1 MiB (the boot structures need it)")
+        if self.memory is Backing.HUGETLB and mem % (2 << 20):
+            raise InputError("--memory hugetlb needs --mem to be a multiple of 2 MiB")
+        if not 1 <= self.vcpus <= BootLayout.MAX_VCPUS:
+            raise InputError(f"--vcpus must be between 1 and {BootLayout.MAX_VCPUS}, not {self.vcpus}")
+        if self.timeout is not None and self.timeout < 0:
+            raise InputError("--timeout must not be negative")
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
+        if self.prefault_threads is not None and self.prefault_threads < 1:
+            raise InputError("--threads must be at least 1")
+
+    @property
+    def mem_bytes(self) -> int:
+        return int(self.mem)
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.1f} {unit}" if value != int(value) else f"{int(value)} {unit}"
+    return f"{n} bytes"

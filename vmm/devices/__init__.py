@@ -1,0 +1,14 @@
+"""Devices on the port and MMIO buses: one small file per device.
+
+Every device has the same shape: a docstring saying what is emulated and what is
+not, register names as constants, ``read(offset, data)`` / ``write(offset, data)``
+on memoryviews, side effects through injected callables, no module-level state.
+"""
+
+from vmm.devices.bus import Bus
+from vmm.devices.exit_port import ExitPort
+from vmm.devices.marker import Marker
+from vmm.devices.post import PostCode
+from vmm.devices.serial import Serial16550
+
+__all__ = ["Bus", "ExitPort", "Marker", "PostCode", "Serial16550"]

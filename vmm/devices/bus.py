@@ -1,0 +1,139 @@
+"""The port-I/O and MMIO buses: range registration (checked once) and dispatch.
+
+Devices see an offset from their base and a memoryview of the access's bytes.
+String I/O (``rep outsb``: count > 1) is split into ``count`` accesses of ``size``
+bytes. An access no device claims reads as all-ones and writes are dropped; it is
+counted and logged at debug level, and in strict mode it raises UnhandledAccess.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from vmm.errors import BusError, UnhandledAccess
+
+log = logging.getLogger("vmm.bus")
+
+PORT_SPACE = 0x10000
+
+
+class Device(Protocol):
+    """What the bus needs of a device."""
+
+    name: str
+
+    def read(self, offset: int, data: memoryview) -> None: ...
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+
+Handler = Callable[[int, memoryview], None]
+
+
+class Bus:
+    """Port I/O and MMIO dispatch for one machine (shared by all its vCPUs)."""
+
+    __slots__ = ("strict", "_pio", "_pio_write", "_pio_read", "_mmio", "_mmio_starts", "unhandled")
+
+    def __init__(self, *, strict: bool = False) -> None:
+        self.strict = strict
+        self._pio: list[tuple[int, int, Device]] = []
+        # Per-port (handler, offset) tables: a port access is one dict lookup.
+        self._pio_write: dict[int, tuple[Handler, int]] = {}
+        self._pio_read: dict[int, tuple[Handler, int]] = {}
+        self._mmio: list[tuple[int, int, Device]] = []
+        self._mmio_starts: list[int] = []
+        self.unhandled = 0
+
+    # --- registration ----------------------------------------------------------------------
+    def register_pio(self, base: int, length: int, device: Device) -> None:
+        """Give ports [base, base+length) to ``device``; BusError on a bad or overlapping range."""
+        if length <= 0 or base < 0 or base + length > PORT_SPACE:
+            raise BusError(f"{device.name}: bad port range {base:#x}+{length:#x}")
+        for b, e, other in self._pio:
+            if base < e and b < base + length:
+                raise BusError(f"{device.name} at ports {base:#x}+{length:#x} overlaps {other.name} at {b:#x}")
+        self._pio.append((base, base + length, device))
+        for port in range(base, base + length):
+            self._pio_write[port] = (device.write, port - base)
+            self._pio_read[port] = (device.read, port - base)
+
+    def register_mmio(self, base: int, length: int, device: Device) -> None:
+        """Give guest-physical [base, base+length) to ``device`` (it must not be RAM)."""
+        if length <= 0 or base < 0 or base + length > 1 << 52:
+            raise BusError(f"{device.name}: bad MMIO range {base:#x}+{length:#x}")
+        for b, e, other in self._mmio:
+            if base < e and b < base + length:
+                raise BusError(f"{device.name} at {base:#x}+{length:#x} overlaps {other.name} at {b:#x}")
+        i = bisect.bisect(self._mmio_starts, base)
+        self._mmio.insert(i, (base, base + length, device))
+        self._mmio_starts.insert(i, base)
+
+    def pio_handlers(self) -> tuple[dict[int, tuple[Handler, int]], dict[int, tuple[Handler, int]]]:
+        """(write table, read table): port -> (handler, offset). For backends' hot loops."""
+        return self._pio_write, self._pio_read
+
+    # --- dispatch ------------------------------------------------------------------------
+    def pio_write(self, port: int, size: int, data: memoryview) -> None:
+        """An OUT (or OUTS with len(data) == count*size)."""
+        entry = self._pio_write.get(port)
+        if entry is None:
+            self._unhandled("write to port", port, size, data)
+            return
+        handler, offset = entry
+        if len(data) == size:
+            handler(offset, data)
+        else:
+            for start in range(0, len(data), size):
+                handler(offset, data[start : start + size])
+
+    def pio_read(self, port: int, size: int, data: memoryview) -> None:
+        """An IN (or INS): fill ``data``."""
+        entry = self._pio_read.get(port)
+        if entry is None:
+            self._unhandled("read from port", port, size, data)
+            data[:] = b"\xff" * len(data)
+            return
+        handler, offset = entry
+        if len(data) == size:
+            handler(offset, data)
+        else:
+            for start in range(0, len(data), size):
+                handler(offset, data[start : start + size])
+
+    def _find_mmio(self, addr: int, size: int) -> tuple[Device, int] | None:
+        i = bisect.bisect(self._mmio_starts, addr) - 1
+        if i >= 0:
+            base, end, device = self._mmio[i]
+            if addr + size <= end:
+                return device, addr - base
+        return None
+
+    def mmio_write(self, addr: int, data: memoryview) -> None:
+        """A store to an address without RAM."""
+        found = self._find_mmio(addr, len(data))
+        if found is None:
+            self._unhandled("MMIO write at", addr, len(data), data)
+            return
+        device, offset = found
+        device.write(offset, data)
+
+    def mmio_read(self, addr: int, data: memoryview) -> None:
+        """A load from an address without RAM: fill ``data`` (all-ones if unclaimed)."""
+        found = self._find_mmio(addr, len(data))
+        if found is None:
+            self._unhandled("MMIO read at", addr, len(data), data)
+            data[:] = b"\xff" * len(data)
+            return
+        device, offset = found
+        device.read(offset, data)
+
+    def _unhandled(self, what: str, addr: int, size: int, data: memoryview) -> None:
+        self.unhandled += 1
+        if self.strict:
+            raise UnhandledAccess(f"guest {what} {addr:#x} (size {size}) that no device claims (--strict)")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("unhandled %s %#x size %d data %s", what, addr, size, bytes(data).hex())

@@ -1,0 +1,91 @@
+"""ELF32/ELF64 x86 executables, loaded by program header (pyelftools).
+
+PT_LOAD segments go to their physical address (``p_paddr``; the VMM identity-maps,
+so it is also the virtual one); the part of ``p_memsz`` beyond ``p_filesz`` is
+zeroed. The ELF class picks the mode (32 -> protected, 64 -> long) unless the image
+carries a ``VMM`` note (type 1, descriptor = a mode name such as ``user``) or the
+user overrides it.
+"""
+
+from __future__ import annotations
+
+import io
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from vmm.cpu.layout import CpuMode
+from vmm.errors import InputError
+from vmm.loader import LoadedImage, check_placement
+from vmm.memory import GuestMemory
+
+ELF_MAGIC = b"\x7fELF"
+NOTE_NAME = "VMM"
+NOTE_TYPE_MODE = 1
+_MACHINES = {"EM_386": 32, "EM_X86_64": 64}
+
+
+def _open(path: str, data: bytes) -> ELFFile:
+    try:
+        elf = ELFFile(io.BytesIO(data))
+    except (ELFError, ValueError, OSError, IndexError) as e:
+        raise InputError(f"{path}: malformed or truncated ELF ({e})") from None
+    machine = elf["e_machine"]
+    if machine not in _MACHINES:
+        raise InputError(f"{path}: ELF for {machine}, not x86")
+    if elf["e_type"] != "ET_EXEC":
+        raise InputError(f"{path}: ELF type {elf['e_type']}, expected an executable (ET_EXEC)")
+    return elf
+
+
+def _note_mode(path: str, elf: ELFFile) -> CpuMode | None:
+    for segment in elf.iter_segments():
+        if segment["p_type"] != "PT_NOTE":
+            continue
+        for note in segment.iter_notes():
+            if note["n_name"] == NOTE_NAME and note["n_type"] == NOTE_TYPE_MODE:
+                raw = note["n_desc"]
+                text = (raw if isinstance(raw, str) else bytes(raw).decode(errors="replace")).rstrip("\0")
+                try:
+                    return CpuMode(text)
+                except ValueError:
+                    raise InputError(f"{path}: VMM note asks for unknown mode {text!r}") from None
+    return None
+
+
+def elf_mode(path: str, data: bytes) -> CpuMode:
+    """The mode the ELF asks for: its VMM note, else its class."""
+    try:
+        elf = _open(path, data)
+        return _note_mode(path, elf) or (CpuMode.LONG if elf.elfclass == 64 else CpuMode.PROTECTED)
+    except (ELFError, ValueError, OSError, IndexError, KeyError) as e:
+        raise InputError(f"{path}: malformed or truncated ELF ({e})") from None
+
+
+def load_elf(
+    path: str, data: bytes, mem: GuestMemory, *, mode: CpuMode | None = None, entry: int | None = None
+) -> LoadedImage:
+    """Load every PT_LOAD segment; InputError on anything that does not fit or parse."""
+    try:
+        elf = _open(path, data)
+        mode = mode or _note_mode(path, elf) or (CpuMode.LONG if elf.elfclass == 64 else CpuMode.PROTECTED)
+        segments = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_memsz"] > 0]
+        loads = []
+        for seg in segments:
+            offset, filesz, memsz, paddr = seg["p_offset"], seg["p_filesz"], seg["p_memsz"], seg["p_paddr"]
+            if filesz > memsz or offset + filesz > len(data):
+                raise InputError(f"{path}: segment at {paddr:#x} runs past the end of the file (truncated ELF)")
+            check_placement(path, mem, mode, paddr, memsz)
+            loads.append((paddr, data[offset : offset + filesz], memsz))
+        start_entry = elf["e_entry"]
+    except (ELFError, ValueError, OSError, IndexError, KeyError) as e:
+        raise InputError(f"{path}: malformed or truncated ELF ({e})") from None
+    if not loads:
+        raise InputError(f"{path}: ELF has no loadable segments")
+    for paddr, content, memsz in loads:
+        mem.write(paddr, content)
+        if memsz > len(content):
+            mem.fill(paddr + len(content), memsz - len(content), 0)
+    start = min(p for p, _, _ in loads)
+    end = max(p + m for p, _, m in loads)
+    return LoadedImage(path, f"elf{elf.elfclass}", start_entry if entry is None else entry, mode, start, end)
