@@ -10,6 +10,7 @@ user overrides it.
 from __future__ import annotations
 
 import io
+import struct
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -38,14 +39,31 @@ def _open(path: str, data: bytes) -> ELFFile:
     return elf
 
 
+def _raw_notes(data: bytes) -> list[tuple[str, int, bytes]]:
+    """(name, type, descriptor) of each note in a PT_NOTE segment's bytes. Parsed by hand:
+    pyelftools renames note types by the GNU table, which would turn ours into
+    NT_GNU_ABI_TAG."""
+    notes, pos = [], 0
+    while pos + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+        name_start = pos + 12
+        desc_start = name_start + (namesz + 3) // 4 * 4
+        end = desc_start + (descsz + 3) // 4 * 4
+        if desc_start + descsz > len(data):
+            break
+        name = data[name_start : name_start + namesz].rstrip(b"\0").decode(errors="replace")
+        notes.append((name, ntype, data[desc_start : desc_start + descsz]))
+        pos = end
+    return notes
+
+
 def _note_mode(path: str, elf: ELFFile) -> CpuMode | None:
     for segment in elf.iter_segments():
         if segment["p_type"] != "PT_NOTE":
             continue
-        for note in segment.iter_notes():
-            if note["n_name"] == NOTE_NAME and note["n_type"] == NOTE_TYPE_MODE:
-                raw = note["n_desc"]
-                text = (raw if isinstance(raw, str) else bytes(raw).decode(errors="replace")).rstrip("\0")
+        for name, ntype, desc in _raw_notes(segment.data()):
+            if name == NOTE_NAME and ntype == NOTE_TYPE_MODE:
+                text = desc.rstrip(b"\0").decode(errors="replace")
                 try:
                     return CpuMode(text)
                 except ValueError:
