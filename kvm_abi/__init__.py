@@ -20,16 +20,16 @@ from kvm_abi.ioc import *  # noqa: F403
 from kvm_abi.ioc import ALL_IOCTLS, Ioctl, ioc
 
 __all__ = [
-    "COMPILED",
     "ALL_IOCTLS",
+    "COMPILED",
     "Ioctl",
     "KvmError",
     "constants",
     "ffi",
+    "install_kick_handler",
     "ioc",
     "ioctl",
     "kvm_run",
-    "install_kick_handler",
     "libc_fallocate",
     "libc_madvise",
     "libc_mincore",
@@ -60,10 +60,7 @@ def ioctl(fd: int, op: Ioctl, arg: Any = 0, *, target: str = "", detail: str = "
     cdata pointer the kernel reads and/or writes in place. Returns the non-negative
     result; raises :class:`KvmError` carrying errno, ``op.name``, ``target`` and ``detail``.
     """
-    if isinstance(arg, int):
-        rc = _ioctl_int(fd, op.number, arg)
-    else:
-        rc = _ioctl_ptr(fd, op.number, arg)
+    rc = _ioctl_int(fd, op.number, arg) if isinstance(arg, int) else _ioctl_ptr(fd, op.number, arg)
     if rc < 0:
         raise KvmError(ffi.errno, op.name, target, detail)
     return rc

@@ -285,20 +285,27 @@ int mincore(void *addr, size_t length, unsigned char *vec);
 int fallocate(int fd, int mode, long offset, long len);
 """
 
-LIBC_ABI = LIBC + """
+LIBC_ABI = (
+    LIBC
+    + """
 int ioctl(int fd, unsigned long request, ...);
 """
+)
 
 # The compiled module exposes non-variadic wrappers (cheaper to call, and they
 # take Python ints) plus a C no-op signal handler used to kick vCPUs out of
 # KVM_RUN; a handler written in Python could not run on a vCPU thread.
-LIBC_API = LIBC + """
+LIBC_API = (
+    LIBC
+    + """
 int vmm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int vmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int vmm_install_kick_handler(int signo);
 int vmm_kvm_run(int fd);
 const char *vmm_cdefs_digest(void);
 """
+)
+
 
 def digest() -> str:
     """A digest of the declarations; the compiled module embeds the one it was built from,
@@ -308,7 +315,8 @@ def digest() -> str:
     return hashlib.sha256((TYPES + LIBC).encode()).hexdigest()[:16]
 
 
-API_SOURCE = r"""
+API_SOURCE = (
+    r"""
 #include <stdint.h>
 #include <stddef.h>
 #include <errno.h>
@@ -318,7 +326,9 @@ API_SOURCE = r"""
 #include <sys/mman.h>
 #include <fcntl.h>
 #include <unistd.h>
-""" + TYPES + r"""
+"""
+    + TYPES
+    + r"""
 static int vmm_ioctl_ptr(int fd, unsigned long request, void *arg)
 {
     return ioctl(fd, request, arg);
@@ -355,5 +365,6 @@ static int vmm_install_kick_handler(int signo)
     return sigaction(signo, &sa, NULL);
 }
 """
+)
 
 API_SOURCE = f'#define VMM_CDEFS_DIGEST "{digest()}"\n' + API_SOURCE

@@ -33,12 +33,7 @@ def ioc(direction: int, nr: int, size: int, typ: int = KVMIO) -> int:
     """The kernel's _IOC(dir, type, nr, size)."""
     if not 0 <= size < (1 << _IOC_SIZEBITS):
         raise ValueError(f"ioctl argument size {size} does not fit in {_IOC_SIZEBITS} bits")
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (typ << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
+    return (direction << _IOC_DIRSHIFT) | (typ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
 def _io(name: str, nr: int) -> Ioctl:
@@ -70,14 +65,10 @@ KVM_GET_MSR_FEATURE_INDEX_LIST = _iowr("KVM_GET_MSR_FEATURE_INDEX_LIST", 0x0A, "
 # --- VM ioctls -------------------------------------------------------------------------------
 KVM_CREATE_VCPU = _io("KVM_CREATE_VCPU", 0x41)  # arg: vCPU id
 KVM_GET_DIRTY_LOG = _iow("KVM_GET_DIRTY_LOG", 0x42, "struct kvm_dirty_log")
-KVM_SET_USER_MEMORY_REGION = _iow(
-    "KVM_SET_USER_MEMORY_REGION", 0x46, "struct kvm_userspace_memory_region"
-)
+KVM_SET_USER_MEMORY_REGION = _iow("KVM_SET_USER_MEMORY_REGION", 0x46, "struct kvm_userspace_memory_region")
 KVM_SET_TSS_ADDR = _io("KVM_SET_TSS_ADDR", 0x47)  # arg: the address itself
 KVM_SET_IDENTITY_MAP_ADDR = _iow("KVM_SET_IDENTITY_MAP_ADDR", 0x48, "uint64_t")  # arg: pointer
-KVM_SET_USER_MEMORY_REGION2 = _iow(
-    "KVM_SET_USER_MEMORY_REGION2", 0x49, "struct kvm_userspace_memory_region2"
-)
+KVM_SET_USER_MEMORY_REGION2 = _iow("KVM_SET_USER_MEMORY_REGION2", 0x49, "struct kvm_userspace_memory_region2")
 KVM_CREATE_IRQCHIP = _io("KVM_CREATE_IRQCHIP", 0x60)
 KVM_IRQ_LINE = _iow("KVM_IRQ_LINE", 0x61, "struct kvm_irq_level")
 KVM_CREATE_PIT2 = _iow("KVM_CREATE_PIT2", 0x77, "struct kvm_pit_config")

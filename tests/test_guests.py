@@ -41,4 +41,3 @@ def test_triple_fault_is_reported_with_vcpu_and_rip(machine_factory, guest, vmm_
     assert result.status == 4
     assert result.crash is not None and result.crash.vcpu == 0
     assert result.crash.rip is not None
-

@@ -92,6 +92,13 @@ def parse_boot_info(block: bytes) -> dict[str, object]:
     raw = block[ARGS_OFFSET : ARGS_OFFSET + args_len]
     args = dict(item.decode().split("=", 1) for item in raw.split(b"\0") if item)
     return {
-        "magic": magic, "version": version, "ram_size": ram, "nr_vcpus": vcpus, "mode": mode,
-        "image_start": start, "image_end": end, "ram_ranges": ranges, "args": args,
+        "magic": magic,
+        "version": version,
+        "ram_size": ram,
+        "nr_vcpus": vcpus,
+        "mode": mode,
+        "image_start": start,
+        "image_end": end,
+        "ram_ranges": ranges,
+        "args": args,
     }

@@ -74,21 +74,58 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("image", help="guest image: ELF32/ELF64 executable or flat binary")
-    run.add_argument("--mem", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M, 1G (bare number: MiB; default 64M)")
+    run.add_argument(
+        "--mem", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M, 1G (bare number: MiB; default 64M)"
+    )
     run.add_argument("--vcpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
-    run.add_argument("--mode", type=_mode, metavar="MODE", help="CPU mode: real, protected, long, user (default: the image's)")
-    run.add_argument("--load-addr", metavar="ADDR", help="flat binaries: where to load (default 0x7c00 real mode, else 0x100000)")
+    run.add_argument(
+        "--mode", type=_mode, metavar="MODE", help="CPU mode: real, protected, long, user (default: the image's)"
+    )
+    run.add_argument(
+        "--load-addr", metavar="ADDR", help="flat binaries: where to load (default 0x7c00 real mode, else 0x100000)"
+    )
     run.add_argument("--entry", metavar="ADDR", help="start here instead of the image's entry point")
-    run.add_argument("--arg", type=_arg, action="append", default=[], metavar="KEY=VALUE", help="boot argument for the guest (repeatable)")
-    run.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"stop the guest after this long (default {DEFAULT_TIMEOUT:g}; 0 = never)")
+    run.add_argument(
+        "--arg",
+        type=_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="boot argument for the guest (repeatable)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"stop the guest after this long (default {DEFAULT_TIMEOUT:g}; 0 = never)",
+    )
     run.add_argument("--strict", action="store_true", help="an access to a port or address no device claims is fatal")
-    run.add_argument("--backend", choices=BACKENDS, default="auto", help="where vCPUs run (default auto: KVM if usable, else the emulator)")
-    run.add_argument("--memory", choices=[b.value for b in Backing], default=DEFAULT_BACKING.value, help=f"guest RAM backing (default {DEFAULT_BACKING.value})")
-    run.add_argument("--prefault", metavar="STRATEGY", nargs="?", const="auto", help="populate guest RAM before boot: auto, kernel, map-memory, emulated, host, none (default with no value: auto)")
+    run.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="where vCPUs run (default auto: KVM if usable, else the emulator)",
+    )
+    run.add_argument(
+        "--memory",
+        choices=[b.value for b in Backing],
+        default=DEFAULT_BACKING.value,
+        help=f"guest RAM backing (default {DEFAULT_BACKING.value})",
+    )
+    run.add_argument(
+        "--prefault",
+        metavar="STRATEGY",
+        nargs="?",
+        const="auto",
+        help="populate guest RAM before boot: auto (default if no value), kernel, map-memory, emulated, host, none",
+    )
     run.add_argument("--threads", type=int, metavar="N", help="threads for --prefault (default: one per host CPU)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the console")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
-    run.add_argument("-v", "--verbose", action="store_true", help="debug logging (unclaimed I/O) and registers on a crash")
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging (unclaimed I/O) and registers on a crash"
+    )
 
     caps = sub.add_parser("caps", help="what this host's KVM offers", description="Report the host's KVM capabilities.")
     caps.add_argument("--json", action="store_true", help="one JSON object (capability names without KVM_CAP_)")

@@ -76,7 +76,9 @@ class MachineConfig:
             try:
                 put("mode", CpuMode(self.mode))
             except ValueError:
-                raise InputError(f"unknown mode {self.mode!r} (choose from {', '.join(m.value for m in CpuMode)})") from None
+                raise InputError(
+                    f"unknown mode {self.mode!r} (choose from {', '.join(m.value for m in CpuMode)})"
+                ) from None
         if self.load_addr is not None:
             put("load_addr", parse_number(self.load_addr, "load address"))
         if self.entry is not None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvm_abi import ExitReason, InternalError as _Suberror, SystemEvent as _SysEvent
+from kvm_abi import ExitReason
+from kvm_abi import InternalError as _Suberror
+from kvm_abi import SystemEvent as _SysEvent
 
 
 @dataclass(slots=True)
@@ -164,6 +166,16 @@ class Unsupported:
 
 
 Exit = (
-    IoOut | IoIn | MmioRead | MmioWrite | _Singleton | FailEntry | InternalError | SystemEvent
-    | MemoryFault | Debug | GuestFault | Unsupported
+    IoOut
+    | IoIn
+    | MmioRead
+    | MmioWrite
+    | _Singleton
+    | FailEntry
+    | InternalError
+    | SystemEvent
+    | MemoryFault
+    | Debug
+    | GuestFault
+    | Unsupported
 )

@@ -256,10 +256,7 @@ class GuestRegion:
         return bool(self.flags & abi.MemFlag.READONLY)
 
     def __repr__(self) -> str:
-        return (
-            f"GuestRegion(gpa={self.gpa:#x}, size={self.size:#x}, {self.host.backing.value}, "
-            f"slot={self.slot})"
-        )
+        return f"GuestRegion(gpa={self.gpa:#x}, size={self.size:#x}, {self.host.backing.value}, slot={self.slot})"
 
 
 class GuestMemory:
@@ -372,4 +369,3 @@ class GuestMemory:
     def resident_bytes(self) -> int:
         """Bytes of guest RAM resident in host memory now (mincore over every region)."""
         return sum(r.host.resident_bytes(r.host_offset, r.size) for r in self._regions)
-

@@ -54,8 +54,17 @@ class Vcpu:
     """
 
     __slots__ = (
-        "vm", "index", "name", "_fd", "run_struct", "_map_addr", "_map_size", "_view",
-        "_thread", "_lock", "__weakref__",
+        "vm",
+        "index",
+        "name",
+        "_fd",
+        "run_struct",
+        "_map_addr",
+        "_map_size",
+        "_view",
+        "_thread",
+        "_lock",
+        "__weakref__",
     )
 
     def __init__(self, vm: Vm, index: int, fd: int, mmap_size: int) -> None:

@@ -87,7 +87,13 @@ class Vm:
         long as the slot exists (``add_memory`` does this for you). size 0 deletes."""
         region = ffi.new(
             "struct kvm_userspace_memory_region *",
-            {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": userspace_addr},
+            {
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": userspace_addr,
+            },
         )
         self._ioctl(abi.KVM_SET_USER_MEMORY_REGION, region, detail=f"slot={slot} gpa={gpa:#x} size={size:#x}")
 
@@ -105,13 +111,18 @@ class Vm:
         region = ffi.new(
             "struct kvm_userspace_memory_region2 *",
             {
-                "slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size,
-                "userspace_addr": userspace_addr, "guest_memfd": guest_memfd,
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": userspace_addr,
+                "guest_memfd": guest_memfd,
                 "guest_memfd_offset": guest_memfd_offset,
             },
         )
         self._ioctl(
-            abi.KVM_SET_USER_MEMORY_REGION2, region,
+            abi.KVM_SET_USER_MEMORY_REGION2,
+            region,
             detail=f"slot={slot} flags={flags:#x} gpa={gpa:#x} size={size:#x} gmem={guest_memfd}",
         )
 
@@ -122,9 +133,7 @@ class Vm:
 
     def set_memory_attributes(self, gpa: int, size: int, attributes: int) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES (e.g. KVM_MEMORY_ATTRIBUTE_PRIVATE) on a range."""
-        attrs = ffi.new(
-            "struct kvm_memory_attributes *", {"address": gpa, "size": size, "attributes": attributes}
-        )
+        attrs = ffi.new("struct kvm_memory_attributes *", {"address": gpa, "size": size, "attributes": attributes})
         self._ioctl(abi.KVM_SET_MEMORY_ATTRIBUTES, attrs, detail=f"gpa={gpa:#x} size={size:#x}")
 
     def set_tss_addr(self, addr: int = DEFAULT_TSS_ADDR) -> None:

@@ -92,7 +92,7 @@ class KvmVcpuRunner:
             while not stop.requested:
                 rc = kvm_run(fd)
                 if rc:
-                    if rc == _EINTR or rc == _EAGAIN:
+                    if rc in (_EINTR, _EAGAIN):
                         run.immediate_exit = 0
                         n_intr += 1
                         continue

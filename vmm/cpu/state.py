@@ -140,9 +140,7 @@ def boot_state(mode: CpuMode, entry: int, vcpu: int, boot_info: int = BootLayout
     if mode is CpuMode.PROTECTED:
         if entry >= 1 << 32:
             raise InputError(f"32-bit entry {entry:#x} is above 4 GiB")
-        return CpuState(
-            mode, regs, CODE32, DATA, DATA, DATA, DATA, DATA, TSS_32, gdt=gdt, cr0=CR0_PE | CR0_ET | CR0_NE
-        )
+        return CpuState(mode, regs, CODE32, DATA, DATA, DATA, DATA, DATA, TSS_32, gdt=gdt, cr0=CR0_PE | CR0_ET | CR0_NE)
     long_mode = {
         "gdt": gdt,
         "cr0": CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
@@ -180,8 +178,14 @@ def write_system_tables(mem: GuestMemory, mode: CpuMode) -> None:
     """Write the GDT, the TSS and (64-bit modes) the identity page tables into guest RAM."""
     if mode is CpuMode.REAL:
         return
-    gdt = [0, CODE64.descriptor(), DATA.descriptor(), CODE32.descriptor(), USER_DATA.descriptor(),
-           USER_CODE64.descriptor()]
+    gdt = [
+        0,
+        CODE64.descriptor(),
+        DATA.descriptor(),
+        CODE32.descriptor(),
+        USER_DATA.descriptor(),
+        USER_CODE64.descriptor(),
+    ]
     table = b"".join(struct.pack("<Q", d) for d in gdt) + _tss_descriptor(BootLayout.TSS, BootLayout.TSS_LIMIT)
     mem.write(BootLayout.GDT, table)
     # TSS: RSP0 (where ring 0 handlers would stack) = the top of vCPU 0's stack area;
@@ -204,8 +208,10 @@ def write_page_tables(mem: GuestMemory, size: int) -> None:
     pdpt = base + 0x1000
     flags = PTE_PRESENT | PTE_WRITE | PTE_USER
     mem.write(base, struct.pack("<Q", pdpt | flags) + bytes(0xFF8))
-    mem.write(pdpt, b"".join(struct.pack("<Q", (base + 0x2000 + i * 0x1000) | flags) for i in range(gib))
-              + bytes(8 * (512 - gib)))
+    mem.write(
+        pdpt,
+        b"".join(struct.pack("<Q", (base + 0x2000 + i * 0x1000) | flags) for i in range(gib)) + bytes(8 * (512 - gib)),
+    )
     for i in range(gib):
         pd = base + 0x2000 + i * 0x1000
         first = i * GiB
