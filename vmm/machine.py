@@ -119,6 +119,12 @@ class RunResult:
         return out
 
 
+class _StuckVcpus(VmmError):
+    """vCPU threads that did not stop within JOIN_GRACE_SECONDS of the end of the run."""
+
+    status = 4
+
+
 class Console:
     """Collects serial output; optionally streams it live to ``stream``."""
 
@@ -280,7 +286,13 @@ class Machine:
         timeout = self.config.timeout if timeout is None else timeout
         with contextlib.ExitStack() as stack:
             self._build(stack)
-            return self._run_built(timeout or None)
+            try:
+                return self._run_built(timeout or None)
+            except _StuckVcpus:
+                # A vCPU thread ignored every kick and may still touch guest memory or its
+                # kvm_run page: leak them rather than unmap them under its feet.
+                stack.pop_all()
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_built(self, timeout: float | None) -> RunResult:
@@ -305,10 +317,7 @@ class Machine:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in threads if t.is_alive()]
         if stuck:
-            # A vCPU that ignores kicks: leave its memory mapped (the thread may still
-            # touch it) rather than unmap it under the thread's feet.
-            log.error("vCPU threads did not stop: %s", ", ".join(stuck))
-            raise VmmError(f"vCPU threads did not stop after the run ended: {', '.join(stuck)}")
+            raise _StuckVcpus(f"vCPU threads did not stop after the run ended: {', '.join(stuck)}")
         self.console.flush()
         return self._result(seconds, timed_out, interrupted, timeout)
 
