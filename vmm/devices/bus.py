@@ -79,28 +79,25 @@ class Bus:
     # --- dispatch ------------------------------------------------------------------------
     def pio_write(self, port: int, size: int, data: memoryview) -> None:
         """An OUT (or OUTS with len(data) == count*size)."""
-        entry = self._pio_write.get(port)
-        if entry is None:
-            self._unhandled("write to port", port, size, data)
-            return
-        handler, offset = entry
-        if len(data) == size:
-            handler(offset, data)
-        else:
-            for start in range(0, len(data), size):
-                handler(offset, data[start : start + size])
+        self._pio_access(self._pio_write, "write to port", port, size, data)
 
     def pio_read(self, port: int, size: int, data: memoryview) -> None:
         """An IN (or INS): fill ``data``."""
-        entry = self._pio_read.get(port)
+        self._pio_access(self._pio_read, "read from port", port, size, data)
+
+    def _pio_access(
+        self, table: dict[int, tuple[Handler, int]], what: str, port: int, size: int, data: memoryview
+    ) -> None:
+        entry = table.get(port)
         if entry is None:
-            self._unhandled("read from port", port, size, data)
-            data[:] = b"\xff" * len(data)
+            self._unhandled(what, port, size, data)
+            if table is self._pio_read:
+                data[:] = b"\xff" * len(data)
             return
         handler, offset = entry
         if len(data) == size:
             handler(offset, data)
-        else:
+        else:  # string I/O: count accesses of size bytes each
             for start in range(0, len(data), size):
                 handler(offset, data[start : start + size])
 
