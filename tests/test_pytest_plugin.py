@@ -9,7 +9,9 @@ pytest_plugins = ["pytester"]
 
 def test_markers_are_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["*@pytest.mark.kvm:*", "*@pytest.mark.requires_cap(name):*", "*@pytest.mark.emulator:*"])
+    result.stdout.fnmatch_lines(
+        ["*@pytest.mark.kvm:*", "*@pytest.mark.requires_cap(name):*", "*@pytest.mark.emulator:*"]
+    )
 
 
 def test_missing_kvm_skips_with_the_reason(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,3 +97,19 @@ def test_backend_parametrization_and_header(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*test_backend?kvm?*", "*test_backend?emulator?*"])
     header = pytester.runpytest("--vmm-backend", "kvm")
     header.stdout.fnmatch_lines(["vmm: *"])
+
+
+def test_require_kvm_turns_skips_into_failures(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMM_KVM_DEVICE", "/nonexistent/kvm")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.requires_cap("PRE_FAULT_MEMORY")
+        def test_needs_prefault():
+            pass
+        """
+    )
+    result = pytester.runpytest("--vmm-require-kvm")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*--vmm-require-kvm: requires KVM_CAP_PRE_FAULT_MEMORY*"])

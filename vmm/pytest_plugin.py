@@ -17,8 +17,10 @@ fixtures
     ``machine_factory``  ``machine_factory(image, **MachineConfig options) -> RunResult``:
                          builds, runs and tears down a machine on the test's backend
 
-option
+options
     ``--vmm-backend {auto,kvm,emulator,all}`` (ini: ``vmm_backend``)
+    ``--vmm-require-kvm``  fail, instead of skip, a test whose KVM or capability is missing:
+                           for CI jobs that must exercise the kernel path (the lab uses it)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ BACKEND_HELP = (
     "or auto (kvm if usable, else emulator). Default: all"
 )
 BACKEND_CHOICES = ("auto", "kvm", "emulator", "all")
+REQUIRE_HELP = "fail (not skip) tests marked kvm or requires_cap(...) when this host lacks what they need"
 
 
 @dataclass
@@ -92,6 +95,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vmm", "vmm guest testing")
     group.addoption("--vmm-backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     parser.addini("vmm_backend", BACKEND_HELP, default="all")
+    group.addoption("--vmm-require-kvm", action="store_true", default=False, help=REQUIRE_HELP)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -138,6 +142,8 @@ def _skip_reason(probe: HostProbe, item: pytest.Item) -> str | None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     reason = _skip_reason(item.config.stash[PROBE], item)
     if reason:
+        if item.config.getoption("--vmm-require-kvm") and "emulator" not in reason:
+            pytest.fail(f"--vmm-require-kvm: {reason}", pytrace=False)
         pytest.skip(reason)
 
 
