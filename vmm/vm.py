@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from vmm.vcpu import Vcpu
 
 if TYPE_CHECKING:
     from vmm.kvm import Kvm
+    from vmm.prefault import PrefaultReport
 
 # Where the VM's real-mode helper structures go (kvmtool's and QEMU's choice): three
 # pages for the TSS and one for the identity map, just below the 4 GiB BIOS area and
@@ -240,6 +242,22 @@ class Vm:
                 self.set_user_memory_region(region.slot, 0, region.gpa, 0, 0)
         finally:
             region.host.close()
+
+    def prefault(
+        self,
+        ranges: Iterable[tuple[int, int]] | None = None,
+        *,
+        strategy: str = "auto",
+        threads: int | None = None,
+        progress: bool | Callable[[int, int], None] = False,
+        vcpus: Sequence[Vcpu] | None = None,
+    ) -> PrefaultReport:
+        """Pre-populate guest RAM ``ranges`` ((gpa, size) pairs; all RAM when None) with
+        ``strategy`` (auto, kernel, map-memory, emulated, host, none) on ``threads``
+        threads; returns the report. See :mod:`vmm.prefault`."""
+        from vmm.prefault import prefault_vm
+
+        return prefault_vm(self, ranges, strategy=strategy, threads=threads, progress=progress, vcpus=vcpus)
 
     def discard(self, gpa: int, size: int) -> None:
         """Give [gpa, gpa+size) back to the host: host and guest read zeros afterwards.
