@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from vmm.backends import open_backend
 from vmm.backends.base import Backend, StopFlag, VcpuOutcome, VcpuRunner
-from vmm.bootinfo import write_boot_info
+from vmm.bootinfo import encode_args, write_boot_info
 from vmm.config import MachineConfig
 from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.cpu.state import boot_state, write_system_tables
@@ -28,7 +28,7 @@ from vmm.devices.marker import MARK_PORT
 from vmm.devices.post import POST_PORT
 from vmm.devices.serial import COM1
 from vmm.errors import VmmError
-from vmm.loader import LoadedImage, load_image, peek_mode
+from vmm.loader import ImagePlan, plan_image
 
 log = logging.getLogger("vmm.machine")
 
@@ -174,7 +174,7 @@ class Machine:
         self.stop = StopFlag()
         self.backend: Backend | None = None
         self.vcpus: list[VcpuRunner] = []
-        self.image: LoadedImage | None = None
+        self.image: ImagePlan | None = None
         self.marker = Marker()
         self.bus = Bus(strict=config.strict)
         self._lock = threading.Lock()
@@ -187,25 +187,28 @@ class Machine:
     # --- building ------------------------------------------------------------------------
     def _build(self, stack: contextlib.ExitStack) -> None:
         cfg = self.config
-        mode = CpuMode(cfg.mode) if cfg.mode else peek_mode(cfg.image)
+        ram_ranges = BootLayout.ram_ranges(cfg.mem_bytes)
+        # The image is read and checked before any fd or mapping exists: bad input fails
+        # first, with nothing to unwind and no backend notice before the error line.
+        image = plan_image(
+            cfg.image,
+            ram_ranges,
+            mode=CpuMode(cfg.mode) if cfg.mode else None,
+            load_addr=cfg.load_addr,  # type: ignore[arg-type]
+            entry=cfg.entry,  # type: ignore[arg-type]
+        )
+        self.image = image
+        encode_args(cfg.args)
         backend = open_backend(cfg.backend, self.notice)
         stack.callback(backend.close)
         self.backend = backend
-        ram_ranges = BootLayout.ram_ranges(cfg.mem_bytes)
         for gpa, size in ram_ranges:
             backend.add_ram(gpa, size, cfg.memory)  # type: ignore[arg-type]
         if cfg.prefault and cfg.prefault != "none":
             self._prefault_report = self._prefault(backend, ram_ranges)
         memory = backend.memory
-        write_system_tables(memory, mode)
-        image = load_image(
-            cfg.image,
-            memory,
-            mode=mode,
-            load_addr=cfg.load_addr,  # type: ignore[arg-type]
-            entry=cfg.entry,  # type: ignore[arg-type]
-        )
-        self.image = image
+        write_system_tables(memory, image.mode)
+        image.load(memory)
         write_boot_info(
             memory,
             ram_ranges=ram_ranges,

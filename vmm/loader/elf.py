@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from vmm.cpu.layout import CpuMode
 from vmm.errors import InputError
-from vmm.loader import LoadedImage, check_placement
-from vmm.memory import GuestMemory
+from vmm.loader import ImagePlan, Segment, check_placement
 
 ELF_MAGIC = b"\x7fELF"
 NOTE_NAME = "VMM"
@@ -80,30 +80,31 @@ def elf_mode(path: str, data: bytes) -> CpuMode:
         raise InputError(f"{path}: malformed or truncated ELF ({e})") from None
 
 
-def load_elf(
-    path: str, data: bytes, mem: GuestMemory, *, mode: CpuMode | None = None, entry: int | None = None
-) -> LoadedImage:
-    """Load every PT_LOAD segment; InputError on anything that does not fit or parse."""
+def plan_elf(
+    path: str,
+    data: bytes,
+    ram: Sequence[tuple[int, int]],
+    *,
+    mode: CpuMode | None = None,
+    entry: int | None = None,
+) -> ImagePlan:
+    """Every PT_LOAD segment, checked; InputError on anything that does not fit or parse."""
     try:
         elf = _open(path, data)
         mode = mode or _note_mode(path, elf) or (CpuMode.LONG if elf.elfclass == 64 else CpuMode.PROTECTED)
-        segments = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_memsz"] > 0]
-        loads = []
-        for seg in segments:
+        segments = []
+        for seg in elf.iter_segments():
+            if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
+                continue
             offset, filesz, memsz, paddr = seg["p_offset"], seg["p_filesz"], seg["p_memsz"], seg["p_paddr"]
             if filesz > memsz or offset + filesz > len(data):
                 raise InputError(f"{path}: segment at {paddr:#x} runs past the end of the file (truncated ELF)")
-            check_placement(path, mem, mode, paddr, memsz)
-            loads.append((paddr, data[offset : offset + filesz], memsz))
-        start_entry = elf["e_entry"]
+            check_placement(path, ram, mode, paddr, memsz)
+            segments.append(Segment(paddr, data[offset : offset + filesz], memsz))
+        start = elf["e_entry"] if entry is None else entry
+        fmt = f"elf{elf.elfclass}"
     except (ELFError, ValueError, OSError, IndexError, KeyError) as e:
         raise InputError(f"{path}: malformed or truncated ELF ({e})") from None
-    if not loads:
+    if not segments:
         raise InputError(f"{path}: ELF has no loadable segments")
-    for paddr, content, memsz in loads:
-        mem.write(paddr, content)
-        if memsz > len(content):
-            mem.fill(paddr + len(content), memsz - len(content), 0)
-    start = min(p for p, _, _ in loads)
-    end = max(p + m for p, _, m in loads)
-    return LoadedImage(path, f"elf{elf.elfclass}", start_entry if entry is None else entry, mode, start, end)
+    return ImagePlan(path, fmt, start, mode, tuple(segments))

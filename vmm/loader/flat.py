@@ -5,24 +5,25 @@ Defaults: real mode at 0x7c00 (a boot sector's address); in other modes, 0x10000
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vmm.cpu.layout import BootLayout, CpuMode
-from vmm.loader import LoadedImage, check_placement
-from vmm.memory import GuestMemory
+from vmm.loader import ImagePlan, Segment, check_placement
 
 
-def load_flat(
+def plan_flat(
     path: str,
     data: bytes,
-    mem: GuestMemory,
+    ram: Sequence[tuple[int, int]],
     *,
     mode: CpuMode | None = None,
     load_addr: int | None = None,
     entry: int | None = None,
-) -> LoadedImage:
-    """Write ``data`` at ``load_addr`` (default by mode) and start at ``entry`` (default: there)."""
+) -> ImagePlan:
+    """``data`` at ``load_addr`` (default by mode), starting at ``entry`` (default: there)."""
     mode = mode or CpuMode.REAL
     if load_addr is None:
         load_addr = BootLayout.FLAT_REAL_LOAD if mode is CpuMode.REAL else BootLayout.FLAT_LOAD
-    check_placement(path, mem, mode, load_addr, len(data))
-    mem.write(load_addr, data)
-    return LoadedImage(path, "flat", load_addr if entry is None else entry, mode, load_addr, load_addr + len(data))
+    check_placement(path, ram, mode, load_addr, len(data))
+    start = load_addr if entry is None else entry
+    return ImagePlan(path, "flat", start, mode, (Segment(load_addr, data, len(data)),))
