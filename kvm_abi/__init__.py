@@ -15,6 +15,7 @@ from typing import Any
 from kvm_abi import constants
 from kvm_abi._ffi import COMPILED, ffi, lib
 from kvm_abi.constants import *  # noqa: F403  (the constants are part of this package's API)
+from kvm_abi.constants import ExitReason
 from kvm_abi.errors import KvmError
 from kvm_abi.ioc import *  # noqa: F403
 from kvm_abi.ioc import ALL_IOCTLS, Ioctl, ioc
@@ -22,22 +23,25 @@ from kvm_abi.ioc import ALL_IOCTLS, Ioctl, ioc
 __all__ = [
     "ALL_IOCTLS",
     "COMPILED",
+    "FAST_IO",
+    "PIO_DATA_OFFSET",
     "Ioctl",
     "KvmError",
     "constants",
+    "fast_io_code",
     "ffi",
     "install_kick_handler",
     "ioc",
     "ioctl",
-    "kvm_run",
     "libc_fallocate",
     "libc_madvise",
     "libc_mincore",
     "libc_mmap",
     "libc_munmap",
+    "run_vcpu",
 ]
 
-KVM_RUN_NUMBER = 0xAE80  # == ioc.KVM_RUN.number; the compiled kvm_run() has it inlined
+KVM_RUN_NUMBER = 0xAE80  # == ioc.KVM_RUN.number; the compiled run_vcpu() has it inlined
 
 if COMPILED:
     _ioctl_ptr = lib.vmm_ioctl_ptr
@@ -66,14 +70,33 @@ def ioctl(fd: int, op: Ioctl, arg: Any = 0, *, target: str = "", detail: str = "
     return rc
 
 
-if COMPILED:
-    kvm_run = lib.vmm_kvm_run
-else:
+FAST_IO = 1 << 32
+"""``run_vcpu`` result bit: one port access whose data sits in the PIO page."""
+PIO_DATA_OFFSET = 4096  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where x86 KVM puts port data
 
-    def kvm_run(fd: int) -> int:
-        """KVM_RUN for the hot path: 0, or -errno. No exception, no allocation."""
-        rc = _ioctl_int(fd, KVM_RUN_NUMBER, 0)
-        return -ffi.errno if rc < 0 else 0
+
+def fast_io_code(direction: int, size: int, port: int) -> int:
+    """The ``run_vcpu`` result for one ``size``-byte access to ``port`` (KVM_EXIT_IO_IN/OUT)."""
+    return FAST_IO | direction << 24 | size << 16 | port
+
+
+if COMPILED:
+    run_vcpu = lib.vmm_run_vcpu
+else:
+    _IO_REASON = int(ExitReason.IO)
+
+    def run_vcpu(fd: int, run: Any) -> int:
+        """KVM_RUN for the hot path: -errno; ``fast_io_code(...)`` for a single port access
+        with its data in the PIO page; otherwise the exit reason. No exception, no
+        allocation: the compiled module does this in C."""
+        if _ioctl_int(fd, KVM_RUN_NUMBER, 0) < 0:
+            return -ffi.errno
+        reason = run.exit_reason
+        if reason == _IO_REASON:
+            io = run.io
+            if io.count == 1 and io.data_offset == PIO_DATA_OFFSET:
+                return FAST_IO | io.direction << 24 | io.size << 16 | io.port
+        return reason
 
 
 def libc_mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:

@@ -301,7 +301,7 @@ LIBC_API = (
 int vmm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int vmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int vmm_install_kick_handler(int signo);
-int vmm_kvm_run(int fd);
+int64_t vmm_run_vcpu(int fd, struct kvm_run *run);
 const char *vmm_cdefs_digest(void);
 """
 )
@@ -339,10 +339,17 @@ static int vmm_ioctl_int(int fd, unsigned long request, unsigned long arg)
     return ioctl(fd, request, arg);
 }
 
-/* KVM_RUN for the hot path: 0, or -errno (no Python-side errno read). */
-static int vmm_kvm_run(int fd)
+/* KVM_RUN for the hot path (see kvm_abi.run_vcpu): -errno on failure; for an exit that
+   is one port access with its data in the PIO page, FAST_IO | direction << 24 |
+   size << 16 | port, one integer the caller can use as a dict key; else the exit reason. */
+static int64_t vmm_run_vcpu(int fd, struct kvm_run *run)
 {
-    return ioctl(fd, 0xAE80UL, 0UL) < 0 ? -errno : 0;
+    if (ioctl(fd, 0xAE80UL, 0UL) < 0)
+        return -errno;
+    if (run->exit_reason == 2 /* KVM_EXIT_IO */ && run->io.count == 1 && run->io.data_offset == 4096)
+        return (INT64_C(1) << 32) | ((int64_t)run->io.direction << 24) | ((int64_t)run->io.size << 16)
+               | run->io.port;
+    return run->exit_reason;
 }
 
 static const char *vmm_cdefs_digest(void)

@@ -58,10 +58,14 @@ class HostProbe:
 
             probe.kvm_usable, probe.kvm_reason = kvm_usable()
             if probe.kvm_usable:
+                from kvm_abi import Cap
                 from vmm.kvm import Kvm
 
-                with Kvm() as kvm:
-                    probe.caps = kvm.capabilities()
+                # Ask a default VM, not /dev/kvm: tests run on a VM, and some answers differ
+                # per VM (6.12 reports GUEST_MEMFD 1 on /dev/kvm but 0 on a default VM).
+                with Kvm() as kvm, kvm.create_vm() as vm:
+                    per_vm = kvm.check_extension(Cap.CHECK_EXTENSION_VM) > 0
+                    probe.caps = {c.name: (vm if per_vm else kvm).check_extension(c) for c in Cap}
         except Exception as e:  # a probe must never break collection
             probe.kvm_usable, probe.kvm_reason = False, f"probe failed: {e}"
         try:

@@ -244,8 +244,8 @@ class Vcpu:
         Returns ``INTERRUPTED`` after a kick or signal (immediate_exit is cleared), and
         a ``MemoryFault`` when KVM reports one with EFAULT; raises KvmError otherwise.
         """
-        rc = abi.kvm_run(self.fd)
         run = self.run_struct
+        rc = abi.run_vcpu(self.fd, run)
         if rc < 0:
             err = -rc
             if err == errno.EINTR or err == errno.EAGAIN:
