@@ -85,7 +85,10 @@ def run_pio_loop(mode: str, count: int, backend: str) -> float:
 
     try:
         config = MachineConfig(
-            image=str(GUESTS / "pio-loop64.elf"), mode=mode, args={"count": str(count)}, backend=backend,
+            image=str(GUESTS / "pio-loop64.elf"),
+            mode=mode,
+            args={"count": str(count)},
+            backend=backend,
             timeout=60.0 + count * 1e-3,
         )
         result = Machine(config).run()
@@ -93,8 +96,10 @@ def run_pio_loop(mode: str, count: int, backend: str) -> float:
         raise BenchError(f"pio-loop ({mode}) on {backend}: {e}") from None
     io = result.exits[0]["io"]
     if result.status != 1 or io != count + 1:
-        raise BenchError(f"pio-loop ({mode}) on {backend}: status {result.status}, {io} port exits, "
-                         f"expected 1 and {count + 1}: {result.reason}")
+        raise BenchError(
+            f"pio-loop ({mode}) on {backend}: status {result.status}, {io} port exits, "
+            f"expected 1 and {count + 1}: {result.reason}"
+        )
     return io / result.seconds
 
 
@@ -121,15 +126,26 @@ def measure(backends: tuple[str, ...], repeats: int, count: int) -> dict[str, An
         samples = interleaved(backends, repeats, lambda b, g=guest: run_guest(g, b))
         kvm = median(samples["kvm"]) if "kvm" in samples else None
         emu = median(samples["emulator"])
-        guests.append({"guest": guest.name, "kvm_seconds": kvm, "emulator_seconds": emu, "ratio": ratio(emu, kvm),
-                       "samples": samples})
+        guests.append(
+            {
+                "guest": guest.name,
+                "kvm_seconds": kvm,
+                "emulator_seconds": emu,
+                "ratio": ratio(emu, kvm),
+                "samples": samples,
+            }
+        )
     pio: dict[str, Any] = {"count": count}
     for variant, mode in RING_MODES.items():
         samples = interleaved(backends, repeats, lambda b, m=mode: run_pio_loop(m, count, b))
         kvm = median(samples["kvm"]) if "kvm" in samples else None
         emu = median(samples["emulator"])
-        pio[variant] = {"kvm_exits_per_second": kvm, "emulator_exits_per_second": emu,
-                        "emulator_over_kvm": ratio(emu, kvm), "samples": samples}
+        pio[variant] = {
+            "kvm_exits_per_second": kvm,
+            "emulator_exits_per_second": emu,
+            "emulator_over_kvm": ratio(emu, kvm),
+            "samples": samples,
+        }
     return {"guests": guests, "pio_loop": pio}
 
 
@@ -149,27 +165,34 @@ def _times(value: float | None) -> str:
 
 def report(out: dict[str, Any]) -> str:
     missing = "" if out["kvm_usable"] else f" (no KVM: {out['kvm_reason']})"
-    lines = [f"backends: {', '.join(out['backends'])}{missing}",
-             f"wall time of Machine.run(), median of {out['repeats']} after a warm-up:",
-             f"  {'guest':24} {'kvm':>12} {'emulator':>12} {'emulator/kvm':>13}"]
+    lines = [
+        f"backends: {', '.join(out['backends'])}{missing}",
+        f"wall time of Machine.run(), median of {out['repeats']} after a warm-up:",
+        f"  {'guest':24} {'kvm':>12} {'emulator':>12} {'emulator/kvm':>13}",
+    ]
     for g in out["guests"]:
-        lines.append(f"  {g['guest']:24} {_seconds(g['kvm_seconds']):>12} {_seconds(g['emulator_seconds']):>12} "
-                     f"{_times(g['ratio']):>13}")
+        lines.append(
+            f"  {g['guest']:24} {_seconds(g['kvm_seconds']):>12} {_seconds(g['emulator_seconds']):>12} "
+            f"{_times(g['ratio']):>13}"
+        )
     pio = out["pio_loop"]
     lines.append(f"pio-loop exits/s (count={pio['count']}, median of {out['repeats']}):")
     lines.append(f"  {'variant':24} {'kvm':>12} {'emulator':>12} {'emulator/kvm':>13}")
     for variant in RING_MODES:
         v = pio[variant]
-        lines.append(f"  {variant:24} {_rate(v['kvm_exits_per_second']):>12} "
-                     f"{_rate(v['emulator_exits_per_second']):>12} {_times(v['emulator_over_kvm']):>13}")
+        lines.append(
+            f"  {variant:24} {_rate(v['kvm_exits_per_second']):>12} "
+            f"{_rate(v['emulator_exits_per_second']):>12} {_times(v['emulator_over_kvm']):>13}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                        help=f"runs per figure (default {DEFAULT_REPEATS})")
+    parser.add_argument(
+        "--repeats", type=int, default=DEFAULT_REPEATS, help=f"runs per figure (default {DEFAULT_REPEATS})"
+    )
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help=f"pio-loop exits (default {DEFAULT_COUNT})")
     ns = parser.parse_args(argv)
     if ns.repeats < 1 or ns.count < 1:
@@ -180,8 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     usable, reason = kvm_usable()
     backends = BACKENDS if usable else ("emulator",)
     try:
-        out = {"environment": environment(), "backends": list(backends), "kvm_usable": usable, "kvm_reason": reason,
-               "repeats": ns.repeats, **measure(backends, ns.repeats, ns.count)}
+        out = {
+            "environment": environment(),
+            "backends": list(backends),
+            "kvm_usable": usable,
+            "kvm_reason": reason,
+            "repeats": ns.repeats,
+            **measure(backends, ns.repeats, ns.count),
+        }
     except BenchError as e:
         print(f"bench/backends.py: {e}", file=sys.stderr)
         return 1

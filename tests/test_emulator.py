@@ -37,21 +37,24 @@ REGS64 = bytes.fromhex(
     "66e7e2"  # out %ax, $0xe2
     "f4"  # hlt
 )
-STRING64 = bytes.fromhex(
-    "488d3523000000"  # lea msg(%rip), %rsi     (msg: 0x23 bytes after this instruction)
-    "b905000000"  # mov $5, %ecx
-    "66bae100"  # mov $0xe1, %dx
-    "fc"  # cld
-    "f36e"  # rep outsb
-    "bf00002000"  # mov $0x200000, %edi
-    "b904000000"  # mov $4, %ecx
-    "66bae400"  # mov $0xe4, %dx
-    "f36c"  # rep insb
-    "66ed"  # in %dx, %ax
-    "89c3"  # mov %eax, %ebx
-    "e5e4"  # in $0xe4, %eax
-    "f4"  # hlt
-) + b"hello"
+STRING64 = (
+    bytes.fromhex(
+        "488d3523000000"  # lea msg(%rip), %rsi     (msg: 0x23 bytes after this instruction)
+        "b905000000"  # mov $5, %ecx
+        "66bae100"  # mov $0xe1, %dx
+        "fc"  # cld
+        "f36e"  # rep outsb
+        "bf00002000"  # mov $0x200000, %edi
+        "b904000000"  # mov $4, %ecx
+        "66bae400"  # mov $0xe4, %dx
+        "f36c"  # rep insb
+        "66ed"  # in %dx, %ax
+        "89c3"  # mov %eax, %ebx
+        "e5e4"  # in $0xe4, %eax
+        "f4"  # hlt
+    )
+    + b"hello"
+)
 USER64 = bytes.fromhex(
     "668cc8"  # mov %cs, %ax
     "66e7e0"  # out %ax, $0xe0
@@ -62,12 +65,12 @@ USER64 = bytes.fromhex(
     "e7e4"  # out %eax, $0xe4
     "f4"  # hlt: #GP at ring 3
 )
-UD64 = bytes.fromhex("90" "0f0b")  # nop; ud2
+UD64 = bytes.fromhex("900f0b")  # nop; ud2
 PF64 = bytes.fromhex(
     "48b80000000002000000"  # movabs $0x200000000, %rax   (8 GiB: beyond the identity map)
     "488b18"  # mov (%rax), %rbx
 )
-DE64 = bytes.fromhex("31c9" "f7f1")  # xor %ecx, %ecx; div %ecx
+DE64 = bytes.fromhex("31c9f7f1")  # xor %ecx, %ecx; div %ecx
 MMIO64 = bytes.fromhex(
     "bb100000d0"  # mov $0xd0000010, %ebx
     "8b03"  # mov (%rbx), %eax
@@ -79,7 +82,7 @@ MMIO64 = bytes.fromhex(
     "e7e4"  # out %eax, $0xe4
     "f4"  # hlt
 )
-SPIN64 = bytes.fromhex("e6e0" "ebfe")  # out %al, $0xe0; 1: jmp 1b
+SPIN64 = bytes.fromhex("e6e0ebfe")  # out %al, $0xe0; 1: jmp 1b
 XADD64 = bytes.fromhex(
     "b9400d0300"  # mov $200000, %ecx
     "b801000000"  # 1: mov $1, %eax
@@ -97,10 +100,11 @@ WAIT64 = bytes.fromhex(
     "74f4"  # je 1b                     ...until vCPU 1 sets the flag
     "e6e2"  # out %al, $0xe2
     "f4"  # hlt
-    "c7042500002000" "01000000"  # 2: movl $1, 0x200000     vCPU 1: set the flag
+    "c7042500002000"
+    "01000000"  # 2: movl $1, 0x200000     vCPU 1: set the flag
     "f4"  # hlt
 )
-READ_32M = bytes.fromhex("b800000002" "8b00" "e7e0" "f4")  # mov $0x2000000,%eax; mov (%rax),%eax; out; hlt
+READ_32M = bytes.fromhex("b8000000028b00e7e0f4")  # mov $0x2000000,%eax; mov (%rax),%eax; out; hlt
 PROT32 = bytes.fromhex(
     "b8efbeadde"  # mov $0xdeadbeef, %eax
     "e7e0"  # out %eax, $0xe0
@@ -147,8 +151,16 @@ class Recorder:
 class Vm:
     """A backend with 16 MiB of RAM and one vCPU running ``code`` in ``mode``."""
 
-    def __init__(self, backend: EmulatorBackend, mode: CpuMode, code: bytes, entry: int = ENTRY64,
-                 strict: bool = False, ram: int = 16 * MiB, vcpus: int = 1) -> None:
+    def __init__(
+        self,
+        backend: EmulatorBackend,
+        mode: CpuMode,
+        code: bytes,
+        entry: int = ENTRY64,
+        strict: bool = False,
+        ram: int = 16 * MiB,
+        vcpus: int = 1,
+    ) -> None:
         self.backend = backend
         backend.add_ram(0, ram, "anon")
         write_system_tables(backend.memory, mode)
@@ -181,8 +193,26 @@ def test_long_mode_runs_64_bit_code_and_halts(backend):
     assert vm.run() is HALTED
     assert vm.recorder.writes == [(0, bytes.fromhex("88776655")), (2, bytes.fromhex("4433"))]
     regs = vm.vcpu.regs()
-    assert list(regs) == ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-                          "r12", "r13", "r14", "r15", "rip", "rflags"]
+    assert list(regs) == [
+        "rax",
+        "rbx",
+        "rcx",
+        "rdx",
+        "rsi",
+        "rdi",
+        "rsp",
+        "rbp",
+        "r8",
+        "r9",
+        "r10",
+        "r11",
+        "r12",
+        "r13",
+        "r14",
+        "r15",
+        "rip",
+        "rflags",
+    ]
     assert regs["r9"] == 0x1122334455667788
     assert regs["rip"] == ENTRY64 + len(REGS64)  # after the hlt, as KVM reports it
     assert regs["rdi"] == BootLayout.BOOT_INFO and regs["rsp"] == BootLayout.stack_top(0)
@@ -233,7 +263,7 @@ def test_string_io_reaches_the_device_one_element_at_a_time(backend):
 
 
 def test_unclaimed_port_reads_all_ones_and_strict_mode_raises(backend):
-    code = bytes.fromhex("e570" "e7e0" "f4")  # in $0x70, %eax; out %eax, $0xe0; hlt
+    code = bytes.fromhex("e570e7e0f4")  # in $0x70, %eax; out %eax, $0xe0; hlt
     vm = Vm(backend, CpuMode.LONG, code)
     assert vm.run() is HALTED
     assert vm.recorder.values(0) == [0xFFFFFFFF]
@@ -312,7 +342,7 @@ def test_a_guest_exception_crashes_with_its_name_and_rip(backend, code, short, f
 
 
 def test_fetching_from_an_address_without_ram_crashes_naming_it(backend):
-    code = bytes.fromhex("b8000000d0" "ffe0")  # mov $0xd0000000, %eax; jmp *%rax
+    code = bytes.fromhex("b8000000d0ffe0")  # mov $0xd0000000, %eax; jmp *%rax
     vm = Vm(backend, CpuMode.LONG, code)
     outcome = vm.run()
     assert outcome.kind == "crashed"  # KVM: an internal error (it cannot emulate the fetch)
@@ -349,8 +379,11 @@ def test_a_stop_requested_before_the_loop_starts_is_honoured(backend):
 def _run_threads(vm: Vm, vcpus: list[EmulatorVcpuRunner]) -> tuple[dict[int, VcpuOutcome], list[threading.Thread]]:
     outcomes: dict[int, VcpuOutcome] = {}
     threads = [
-        threading.Thread(target=lambda v=v: outcomes.setdefault(v.index, v.run_loop(vm.bus, vm.stop)),
-                         name=f"vcpu-{v.index}", daemon=True)
+        threading.Thread(
+            target=lambda v=v: outcomes.setdefault(v.index, v.run_loop(vm.bus, vm.stop)),
+            name=f"vcpu-{v.index}",
+            daemon=True,
+        )
         for v in vcpus
     ]
     for t in threads:
@@ -433,7 +466,7 @@ def test_ram_above_4_gib_is_reachable_past_the_hole(backend):
     backend.add_ram(4 * GiB, 2 * MiB, "anon")
     write_system_tables(backend.memory, CpuMode.LONG)  # identity-maps up to 5 GiB now
     backend.memory.write(4 * GiB + 8, (0xC0FFEE).to_bytes(4, "little"))
-    code = bytes.fromhex("48b80800000001000000" "8b00" "e7e0" "f4")  # movabs $4G+8,%rax; mov (%rax),%eax; out; hlt
+    code = bytes.fromhex("48b808000000010000008b00e7e0f4")  # movabs $4G+8,%rax; mov (%rax),%eax; out; hlt
     backend.memory.write(ENTRY64, code)
     recorder, bus = Recorder(), Bus()
     bus.register_pio(PORT, 8, recorder)

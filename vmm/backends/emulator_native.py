@@ -29,9 +29,7 @@ UnmappedCallback = ctypes.CFUNCTYPE(
     ctypes.c_bool, _ENGINE, ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 )
 MmioReadCallback = ctypes.CFUNCTYPE(ctypes.c_uint64, _ENGINE, ctypes.c_uint64, ctypes.c_uint, ctypes.c_void_p)
-MmioWriteCallback = ctypes.CFUNCTYPE(
-    None, _ENGINE, ctypes.c_uint64, ctypes.c_uint, ctypes.c_uint64, ctypes.c_void_p
-)
+MmioWriteCallback = ctypes.CFUNCTYPE(None, _ENGINE, ctypes.c_uint64, ctypes.c_uint, ctypes.c_uint64, ctypes.c_void_p)
 
 
 def _check(status: int) -> None:
@@ -45,8 +43,14 @@ def hook_add(uc: Uc, kind: int, callback: Any, *extra: Any) -> int:
     handle = ctypes.c_size_t()
     _check(
         uclib.uc_hook_add(
-            uc._uch, ctypes.byref(handle), kind, ctypes.cast(callback, ctypes.c_void_p), None,
-            ctypes.c_uint64(1), ctypes.c_uint64(0), *extra,
+            uc._uch,
+            ctypes.byref(handle),
+            kind,
+            ctypes.cast(callback, ctypes.c_void_p),
+            None,
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            *extra,
         )
     )
     return int(handle.value)

@@ -34,8 +34,24 @@ from vmm.errors import ConfigError
 MSR_EFER = 0xC0000080
 
 REG_NAMES = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
-    "r14", "r15", "rip", "rflags",
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rsp",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
 )
 _REGS64 = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in REG_NAMES}
 # A UC_MODE_32 engine only knows the 32-bit names; r8-r15 do not exist there.
@@ -45,20 +61,37 @@ _REGS32 = {
 }
 _REGS32["rflags"] = X.UC_X86_REG_EFLAGS
 
-_DATA_SEGMENTS = (("ds", X.UC_X86_REG_DS), ("es", X.UC_X86_REG_ES), ("fs", X.UC_X86_REG_FS),
-                  ("gs", X.UC_X86_REG_GS), ("ss", X.UC_X86_REG_SS))
+_DATA_SEGMENTS = (
+    ("ds", X.UC_X86_REG_DS),
+    ("es", X.UC_X86_REG_ES),
+    ("fs", X.UC_X86_REG_FS),
+    ("gs", X.UC_X86_REG_GS),
+    ("ss", X.UC_X86_REG_SS),
+)
 
 # The ring-3 entry stub: mov %eax,%ds; mov %ecx,%es; mov %edx,%fs; mov %ebx,%gs; iretq.
 RING3_STUB = bytes([0x8E, 0xD8, 0x8E, 0xC1, 0x8E, 0xE2, 0x8E, 0xEB, 0x48, 0xCF])
 
 
 EXCEPTIONS = {
-    0: ("#DE", "divide error"), 1: ("#DB", "debug exception"), 2: ("NMI", "non-maskable interrupt"),
-    3: ("#BP", "breakpoint"), 4: ("#OF", "overflow"), 5: ("#BR", "bound range exceeded"),
-    6: ("#UD", "invalid opcode"), 7: ("#NM", "device not available"), 8: ("#DF", "double fault"),
-    10: ("#TS", "invalid TSS"), 11: ("#NP", "segment not present"), 12: ("#SS", "stack-segment fault"),
-    13: ("#GP", "general protection fault"), 14: ("#PF", "page fault"), 16: ("#MF", "x87 floating-point error"),
-    17: ("#AC", "alignment check"), 18: ("#MC", "machine check"), 19: ("#XM", "SIMD floating-point exception"),
+    0: ("#DE", "divide error"),
+    1: ("#DB", "debug exception"),
+    2: ("NMI", "non-maskable interrupt"),
+    3: ("#BP", "breakpoint"),
+    4: ("#OF", "overflow"),
+    5: ("#BR", "bound range exceeded"),
+    6: ("#UD", "invalid opcode"),
+    7: ("#NM", "device not available"),
+    8: ("#DF", "double fault"),
+    10: ("#TS", "invalid TSS"),
+    11: ("#NP", "segment not present"),
+    12: ("#SS", "stack-segment fault"),
+    13: ("#GP", "general protection fault"),
+    14: ("#PF", "page fault"),
+    16: ("#MF", "x87 floating-point error"),
+    17: ("#AC", "alignment check"),
+    18: ("#MC", "machine check"),
+    19: ("#XM", "SIMD floating-point exception"),
 }
 NOT_DELIVERED = "not delivered (the emulator delivers no guest exceptions)"
 
@@ -80,8 +113,13 @@ def segment_flags(seg: Segment) -> int:
     """QEMU's cached descriptor flags (the descriptor's high dword, base and limit bits
     cleared) for a system segment register written as a whole (TR, LDTR)."""
     return (
-        (seg.type << 8) | (seg.s << 12) | (seg.dpl << 13) | (seg.present << 15)
-        | (seg.l << 21) | (seg.db << 22) | (seg.g << 23)
+        (seg.type << 8)
+        | (seg.s << 12)
+        | (seg.dpl << 13)
+        | (seg.present << 15)
+        | (seg.l << 21)
+        | (seg.db << 22)
+        | (seg.g << 23)
     )
 
 
@@ -148,8 +186,12 @@ def enter_ring3(uc: Uc, state: CpuState, stub_page: int) -> None:
     uc.mem_write(stub_page, RING3_STUB)
     uc.mem_write(stack, frame)
     uc.reg_write(X.UC_X86_REG_RSP, stack)
-    for name, reg in (("ds", X.UC_X86_REG_RAX), ("es", X.UC_X86_REG_RCX), ("fs", X.UC_X86_REG_RDX),
-                      ("gs", X.UC_X86_REG_RBX)):
+    for name, reg in (
+        ("ds", X.UC_X86_REG_RAX),
+        ("es", X.UC_X86_REG_RCX),
+        ("fs", X.UC_X86_REG_RDX),
+        ("gs", X.UC_X86_REG_RBX),
+    ):
         uc.reg_write(reg, getattr(state, name).selector)
     try:
         # Stops on reaching the entry point: iretq is the stub's last instruction.
@@ -162,5 +204,6 @@ def enter_ring3(uc: Uc, state: CpuState, stub_page: int) -> None:
     got = read_pc(uc, UC_MODE_64)
     cs = int(uc.reg_read(X.UC_X86_REG_CS))
     if got != rip or cs != state.cs.selector:
-        raise ConfigError(f"the emulator's ring-3 entry stub ended at rip {got:#x} cs {cs:#x}, not {rip:#x} cs "
-                          f"{state.cs.selector:#x}")
+        raise ConfigError(
+            f"the emulator's ring-3 entry stub ended at rip {got:#x} cs {cs:#x}, not {rip:#x} cs {state.cs.selector:#x}"
+        )

@@ -54,6 +54,7 @@ NEVER = (1 << 64) - 1  # uc_emu_start's "until": an address no guest executes
 CLOSE_WAIT_SECONDS = 2.0
 KICK_RETRY_SECONDS = 0.001
 
+
 def _all_ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
