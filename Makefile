@@ -66,5 +66,15 @@ bench: $(STAMP)
 	$(VPY) bench/backends.py
 	$(VPY) bench/prefault.py
 
+# The kernel path (KVM_PRE_FAULT_MEMORY) in the nested QEMU lab (lab/README.md): builds the
+# lab on first use, runs lab/kernel-tests inside, exits with its status.
+lab-test: $(STAMP)
+	lab/run --timeout 1800 -- lab/kernel-tests
+
+# The same with CONFIG_KVM_SW_PROTECTED_VM rebuilt into the lab's KVM (a few minutes the
+# first time): private memory and pre-faulting it.
+lab-test-private: $(STAMP)
+	lab/run --private --timeout 1800 -- lab/kernel-tests --private
+
 clean:
 	rm -rf guests/build bench/build .pytest_cache

@@ -41,3 +41,18 @@ def test_triple_fault_is_reported_with_vcpu_and_rip(machine_factory, guest, vmm_
     assert result.status == 4
     assert result.crash is not None and result.crash.vcpu == 0
     assert result.crash.rip is not None
+
+
+def test_hooks_see_guest_ram_before_boot_and_after_the_run(machine_factory, guest, vmm_backend):
+    seen: dict[str, int] = {}
+
+    def before_boot(machine) -> None:
+        seen["magic"] = machine.backend.memory.read_u64(0x1000) & 0xFFFFFFFF
+
+    def after_run(machine) -> None:
+        # memtouch's single pass wrote gpa + 0 at the start of every page above the image
+        seen["page"] = machine.backend.memory.read_u64(0x200000)
+
+    result = machine_factory(guest("memtouch64.elf"), mem="4M", before_boot=before_boot, after_run=after_run)
+    assert result.status == 1, result.reason
+    assert seen == {"magic": 0x424D4D56, "page": 0x200000}

@@ -28,7 +28,7 @@ import pytest
 import kvm_abi as abi
 from kvm_abi import ffi
 from vmm.config import MachineConfig
-from vmm.machine import Machine, RunResult
+from vmm.machine import Machine
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
 from vmm.prefault import EmulatedPrefault, PrefaultInterrupted, kernel
 from vmm.prefault.contract import drive_pre_fault, new_range
@@ -43,7 +43,7 @@ GUESTS = Path(__file__).resolve().parent.parent / "guests"
 KERNEL_WITH_CAP = pytest.param(
     "kernel", marks=[pytest.mark.kvm, pytest.mark.requires_cap("PRE_FAULT_MEMORY")], id="kernel"
 )
-KERNEL_ANY_KVM = pytest.param("kernel", marks=[pytest.mark.kvm], id="kernel")
+KERNEL_ANY_KVM = pytest.param("kernel", marks=[pytest.mark.kvm, pytest.mark.lab], id="kernel")
 SEMANTICS = [KERNEL_WITH_CAP, pytest.param("emulated", id="emulated")]
 VALIDATION = [KERNEL_ANY_KVM, pytest.param("emulated", id="emulated")]
 
@@ -358,6 +358,7 @@ def test_valid_call_without_the_capability_is_eopnotsupp(kvm):
         t.cleanup[0]()
 
 
+@pytest.mark.lab
 @pytest.mark.kvm
 @pytest.mark.parametrize("number", [0xC020AED5, 0xC018AED5], ids=["rfc-v1-32-bytes", "rfc-v2-24-bytes"])
 def test_old_rfc_numbers_are_einval_on_mainline(kvm, number):
@@ -406,31 +407,6 @@ def test_eintr_is_reported_with_a_pending_signal_and_the_driver_stops_on_it():
 
 
 # --- the guest reads every page afterwards ----------------------------------------------
-class HookedMachine(Machine):
-    """A Machine whose pre-population step runs ``before_boot(backend)`` (the selftest's
-    host side) and that calls ``after_run(backend)`` before its memory is released."""
-
-    def __init__(
-        self,
-        config: MachineConfig,
-        before_boot: Callable[[Any], None],
-        after_run: Callable[[Any], None] | None = None,
-    ) -> None:
-        super().__init__(config)
-        self.before_boot = before_boot
-        self.after_run = after_run
-
-    def _prefault(self, backend: Any, ranges: list[tuple[int, int]]) -> Any:
-        self.before_boot(backend)
-        return None
-
-    def _run_built(self, timeout: float | None) -> RunResult:
-        result = super()._run_built(timeout)
-        if self.after_run is not None:
-            self.after_run(self.backend)
-        return result
-
-
 def backend_target(name: str, backend: Any) -> Target:
     """The implementation ``name`` over a running machine's backend."""
     if name == "kernel":
@@ -458,7 +434,8 @@ def pattern(gpa: int) -> int:
 def test_guest_reads_every_page_after_the_three_calls(case):
     name, backend_name = case
 
-    def before_boot(backend: Any) -> None:
+    def before_boot(machine: Machine) -> None:
+        backend = machine.backend
         for page in range(1, TEST_NPAGES, 2):
             backend.memory.write_u64(BASE + page * PAGE, pattern(BASE + page * PAGE))
         t = backend_target(name, backend)
@@ -470,11 +447,10 @@ def test_guest_reads_every_page_after_the_three_calls(case):
         image=str(GUESTS / "readpages64.elf"),
         mem=BASE + TEST_SIZE,
         backend=backend_name,
-        prefault=name,
         args={"base": hex(BASE), "pages": str(TEST_NPAGES)},
         timeout=60,
     )
-    result = HookedMachine(config, before_boot).run()
+    result = Machine(config, before_boot=before_boot).run()
     assert result.status == 1 and result.exit_value == 0, result.reason
     expected = sum(pattern(BASE + p * PAGE) for p in range(1, TEST_NPAGES, 2)) & ((1 << 64) - 1)
     m = re.search(rb"readpages: (\d+) pages from 0x([0-9a-f]+), checksum 0x([0-9a-f]+)", result.console)
@@ -489,25 +465,24 @@ def test_guest_writes_after_prefault_reach_the_host(case):
     name, backend_name = case
     seen: dict[int, int] = {}
 
-    def before_boot(backend: Any) -> None:
-        t = backend_target(name, backend)
+    def before_boot(machine: Machine) -> None:
+        t = backend_target(name, machine.backend)
         pre_fault(t, BASE, TEST_SIZE, 0)
         for undo in t.cleanup:
             undo()
 
-    def after_run(backend: Any) -> None:
+    def after_run(machine: Machine) -> None:
         for page in range(TEST_NPAGES):
             gpa = BASE + page * PAGE
-            seen[gpa] = backend.memory.read_u64(gpa)
+            seen[gpa] = machine.backend.memory.read_u64(gpa)
 
     config = MachineConfig(
         image=str(GUESTS / "memtouch64.elf"),
         mem=BASE + TEST_SIZE,
         backend=backend_name,
-        prefault=name,
         args={"passes": "1"},
         timeout=60,
     )
-    result = HookedMachine(config, before_boot, after_run).run()
+    result = Machine(config, before_boot=before_boot, after_run=after_run).run()
     assert result.status == 1, result.reason
     assert seen == {gpa: gpa for gpa in seen} and len(seen) == TEST_NPAGES  # pass 0 writes gpa + 0

@@ -86,6 +86,7 @@ def test_none_populates_nothing(vm64):
     assert vm64.memory.resident_bytes() == 0
 
 
+@pytest.mark.lab
 @pytest.mark.kvm
 def test_auto_says_which_way_it_went_and_why(kvm, vm64):
     report = vm64.prefault([(0, 8 * MiB)], strategy="auto")
@@ -101,6 +102,7 @@ def test_auto_says_which_way_it_went_and_why(kvm, vm64):
         assert report.resident_bytes == 8 * MiB == vm64.memory.resident_bytes()
 
 
+@pytest.mark.lab
 @pytest.mark.kvm
 @pytest.mark.parametrize(("strategy", "capability"), [("kernel", "PRE_FAULT_MEMORY"), ("map-memory", "MAP_MEMORY")])
 def test_explicit_kernel_strategies_need_the_capability(kvm, vm64, strategy, capability):
@@ -133,6 +135,7 @@ def test_helper_vcpus_sit_at_the_top_and_are_reused(kvm):
         assert vm.create_vcpu(0).index == 0  # the machine's own ids stay free
 
 
+@pytest.mark.lab
 @pytest.mark.kvm
 def test_rfc_probe_reads_this_kernel(kvm, vm64):
     """The probe issues KVM_MAP_MEMORY (0xC020AED5) with a call the RFC would accept; a
@@ -295,6 +298,7 @@ def test_map_memory_driver_reports_where_it_stopped():
 
 
 # --- the machine path (vmm run --prefault) ----------------------------------------------
+@pytest.mark.lab
 @pytest.mark.kvm
 def test_machine_reports_ram_resident_before_the_guest_starts():
     config = MachineConfig(image=str(GUESTS / "memtouch64.elf"), mem="64M", prefault="auto", backend="kvm", timeout=30)

@@ -37,6 +37,9 @@ USED_CAPS = (
 )
 
 
+PER_VM_CAPS = (Cap.GUEST_MEMFD, Cap.GUEST_MEMFD_FLAGS, Cap.MEMORY_ATTRIBUTES)
+
+
 def _flag_names(value: int, flags: type[GuestMemfdFlag]) -> str:
     names = [f.name for f in flags if value & f and f.name]
     return "|".join(names) if names else "none"
@@ -59,8 +62,11 @@ def caps_report() -> dict[str, Any]:
             for cap in USED_CAPS:
                 report[cap.name] = kvm.check_extension(cap)
             with kvm.create_vm() as vm:
-                # Per-VM answers can differ from /dev/kvm's (guest_memfd flags do).
-                report[Cap.GUEST_MEMFD_FLAGS.name] = vm.check_extension(Cap.GUEST_MEMFD_FLAGS)
+                # What a default VM gets can differ from /dev/kvm's answer: guest_memfd and
+                # memory attributes depend on the VM type (6.12: 1 and 8 on /dev/kvm, 0 on a
+                # default VM), so report those as a default VM sees them.
+                for cap in PER_VM_CAPS:
+                    report[cap.name] = vm.check_extension(cap)
     except (Unavailable, KvmError) as e:
         report.update(kvm=False, backend="emulator", reason=str(e), notes=[f"KVM is not usable: {e}"])
         return report
@@ -87,11 +93,14 @@ def _notes(r: dict[str, Any]) -> list[str]:
             f"guest_memfd: available, flags {_flag_names(flags, GuestMemfdFlag)}"
             + ("; --memory guest-memfd works" if mappable else "; not host-mappable, --memory guest-memfd unavailable")
         )
+    elif r["VM_TYPES"] & ~1:
+        notes.append("guest_memfd: not on a default VM; only on the private VM types below")
     else:
         notes.append("guest_memfd: not available")
     notes.append(f"VM types: {_vm_types(r['VM_TYPES'])}" if r["VM_TYPES"] else "VM types: default only")
     if not r["MEMORY_ATTRIBUTES"]:
-        notes.append("memory attributes (private memory): not available")
+        private = "only on the private VM types" if r["VM_TYPES"] & ~1 else "not available"
+        notes.append(f"memory attributes (private memory): {private}")
     notes.append(f"vCPUs: {r['NR_VCPUS']} recommended, {r['MAX_VCPUS']} at most")
     return notes
 
@@ -106,7 +115,8 @@ def format_caps(r: dict[str, Any]) -> str:
     lines.append("backend      kvm (what --backend auto picks)")
     lines.append("capabilities")
     for cap in USED_CAPS:
-        lines.append(f"  {cap.name:<24} {r[cap.name]:>6}  (KVM_CAP_{cap.name} = {int(cap)})")
+        where = "  on a default VM" if cap in PER_VM_CAPS else ""
+        lines.append(f"  {cap.name:<24} {r[cap.name]:>6}  (KVM_CAP_{cap.name} = {int(cap)}){where}")
     lines.append("meaning")
     lines += [f"  {n}" for n in r["notes"]]
     return "\n".join(lines)

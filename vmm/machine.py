@@ -156,7 +156,10 @@ class Machine:
     """A guest image on a backend. ``Machine(config).run()`` builds, runs, tears down.
 
     ``console`` receives serial output live (``vmm run`` passes stdout); ``notice`` gets
-    one-line messages for the user (the backend fallback).
+    one-line messages for the user (the backend fallback). ``before_boot(machine)`` runs
+    once everything is built and loaded, before any vCPU starts (tests poke guest RAM or
+    drive the kernel there); ``after_run(machine)`` runs after every vCPU stopped, before
+    the memory is released (tests inspect guest RAM there).
     """
 
     def __init__(
@@ -166,8 +169,12 @@ class Machine:
         console: IO[bytes] | None = None,
         notice: Callable[[str], None] | None = None,
         progress: bool = False,
+        before_boot: Callable[[Machine], None] | None = None,
+        after_run: Callable[[Machine], None] | None = None,
     ) -> None:
         self.config = config
+        self.before_boot = before_boot
+        self.after_run = after_run
         self.console = Console(console)
         self.notice = notice or (lambda message: log.info("%s", message))
         self.progress = progress
@@ -223,6 +230,8 @@ class Machine:
             runner = backend.create_vcpu(index)
             self.vcpus.append(runner)
             runner.set_state(boot_state(image.mode, image.entry, index))
+        if self.before_boot is not None:
+            self.before_boot(self)
 
     def _attach_devices(self) -> None:
         bus = self.bus
@@ -322,6 +331,8 @@ class Machine:
         if stuck:
             raise _StuckVcpus(f"vCPU threads did not stop after the run ended: {', '.join(stuck)}")
         self.console.flush()
+        if self.after_run is not None:
+            self.after_run(self)
         return self._result(seconds, timed_out, interrupted, timeout)
 
     def _result(self, seconds: float, timed_out: bool, interrupted: bool, timeout: float | None) -> RunResult:

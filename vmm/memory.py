@@ -242,6 +242,15 @@ class GuestRegion:
     slot: int = -1
     flags: int = 0
     host_offset: int = 0
+    guest_memfd: int = -1  # private memory: the guest_memfd behind the slot (owned)
+    private: bool = False  # marked KVM_MEMORY_ATTRIBUTE_PRIVATE: the host cannot read it
+
+    def release(self) -> None:
+        """Free the host memory (and the guest_memfd of a private region). Idempotent."""
+        self.host.close()
+        if self.guest_memfd >= 0:
+            fd, self.guest_memfd = self.guest_memfd, -1
+            os.close(fd)
 
     @property
     def end(self) -> int:
@@ -325,6 +334,12 @@ class GuestMemory:
         if r is None or gpa + size > r.end:
             raise GuestMemoryError(
                 f"guest range {gpa:#x}-{gpa + max(size, 1) - 1:#x} is not inside guest RAM ({self.describe()})",
+                gpa,
+                size,
+            )
+        if r.private:
+            raise GuestMemoryError(
+                f"guest range {gpa:#x}-{gpa + max(size, 1) - 1:#x} is private memory: the host cannot access it",
                 gpa,
                 size,
             )

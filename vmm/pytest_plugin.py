@@ -6,6 +6,8 @@ markers
     ``kvm``                    needs a usable /dev/kvm; skipped with the reason otherwise
     ``requires_cap(name)``     needs KVM capability ``name`` (e.g. ``"PRE_FAULT_MEMORY"``) to be
                                non-zero; skipped naming ``KVM_CAP_<name>`` otherwise
+    ``requires_vm_type(name)`` needs KVM to accept VM type ``name`` (e.g. ``"SW_PROTECTED"``),
+                               by KVM_CAP_VM_TYPES; skipped naming the type otherwise
     ``emulator``               needs the in-process emulator backend (the unicorn package)
 
 fixtures
@@ -14,8 +16,10 @@ fixtures
     ``vmm_backend``      the backend name for this test; a test that asks for it is run once
                          per backend selected by ``--vmm-backend`` (default: all backends,
                          each skipped where unusable)
-    ``machine_factory``  ``machine_factory(image, **MachineConfig options) -> RunResult``:
-                         builds, runs and tears down a machine on the test's backend
+    ``machine_factory``  ``machine_factory(image, before_boot=None, after_run=None,
+                         **MachineConfig options) -> RunResult``: builds, runs and tears down
+                         a machine on the test's backend; the hooks get the Machine before
+                         its vCPUs start and after they stop (guest RAM still mapped)
 
 options
     ``--vmm-backend {auto,kvm,emulator,all}`` (ini: ``vmm_backend``)
@@ -107,6 +111,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "requires_cap(name): needs KVM capability `name` (e.g. 'PRE_FAULT_MEMORY') to be non-zero"
     )
+    config.addinivalue_line(
+        "markers", "requires_vm_type(name): needs KVM to accept VM type `name` (e.g. 'SW_PROTECTED')"
+    )
     config.addinivalue_line("markers", "emulator: needs the in-process emulator backend (unicorn)")
     config.stash[PROBE] = HostProbe.run()
 
@@ -138,6 +145,14 @@ def _skip_reason(probe: HostProbe, item: pytest.Item) -> str | None:
             return f"requires KVM_CAP_{name}: no usable KVM ({probe.kvm_reason})"
         if not probe.has_cap(name):
             return f"requires KVM_CAP_{name} (this kernel reports {probe.caps.get(name, 0)})"
+    for mark in item.iter_markers("requires_vm_type"):
+        name = str(mark.args[0]).upper()
+        from kvm_abi import VmType
+
+        if not probe.kvm_usable:
+            return f"requires VM type {name}: no usable KVM ({probe.kvm_reason})"
+        if not probe.caps.get("VM_TYPES", 0) & (1 << VmType[name]):
+            return f"requires VM type {name} (KVM_CAP_VM_TYPES is {probe.caps.get('VM_TYPES', 0):#x} here)"
     if item.get_closest_marker("emulator") and not probe.emulator_usable:
         return f"requires the emulator backend: {probe.emulator_reason}"
     return None
@@ -197,9 +212,16 @@ def machine_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
         if default_backend == "kvm" and not request.config.stash[PROBE].kvm_usable:
             default_backend = "emulator"
 
-    def factory(image: str, **options: Any) -> Any:
+    def factory(
+        image: str,
+        *,
+        before_boot: Callable[[Any], None] | None = None,
+        after_run: Callable[[Any], None] | None = None,
+        **options: Any,
+    ) -> Any:
         options.setdefault("backend", default_backend)
         options.setdefault("timeout", 30)
-        return Machine(MachineConfig(image=str(image), **options)).run()
+        machine = Machine(MachineConfig(image=str(image), **options), before_boot=before_boot, after_run=after_run)
+        return machine.run()
 
     return factory

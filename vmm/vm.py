@@ -65,7 +65,7 @@ class Vm:
         os.close(fd)
         for region in self.memory:
             self.memory.remove(region)
-            region.host.close()
+            region.release()
 
     def __enter__(self) -> Vm:
         return self
@@ -183,18 +183,26 @@ class Vm:
         *,
         readonly: bool = False,
         slot: int | None = None,
+        private: bool = False,
     ) -> GuestRegion:
         """Allocate ``size`` bytes of ``backing`` and make them guest RAM at ``gpa``.
 
         guest-memfd memory is created with KVM_CREATE_GUEST_MEMFD (MMAP|INIT_SHARED, as
         the VM offers), mapped by the host, and bound with KVM_SET_USER_MEMORY_REGION2;
         ``userspace_addr`` points at that mapping so host and guest stay coherent.
+
+        ``private=True`` (guest-memfd backing, a VM type with private memory such as
+        KVM_X86_SW_PROTECTED_VM) marks the range KVM_MEMORY_ATTRIBUTE_PRIVATE: the guest
+        gets its pages from the guest_memfd, which the host never maps; shared accesses
+        go to an anonymous mapping at ``userspace_addr``. Host reads of it are refused.
         """
         backing = parse_backing(backing)
         if gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest RAM {gpa:#x}+{size:#x} is not page aligned", gpa, size)
         slot = self._next_slot if slot is None else slot
         flags = int(MemFlag.READONLY) if readonly else 0
+        if private:
+            return self._add_private_memory(gpa, size, backing, readonly, slot)
         if backing is Backing.GUEST_MEMFD:
             host = self._guest_memfd_memory(size, readonly)
             flags = int(MemFlag.GUEST_MEMFD)
@@ -234,6 +242,38 @@ class Vm:
         fd = self.create_guest_memfd(size, int(wanted))
         return HostMemory.from_guest_memfd(fd, size)
 
+    def _add_private_memory(self, gpa: int, size: int, backing: Backing, readonly: bool, slot: int) -> GuestRegion:
+        if backing is not Backing.GUEST_MEMFD or readonly:
+            raise ConfigError("private memory lives in a guest_memfd: use backing 'guest-memfd', not read-only")
+        attributes = self.check_extension(Cap.MEMORY_ATTRIBUTES)
+        if not attributes & abi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            raise Unavailable(
+                "private memory needs KVM_CAP_MEMORY_ATTRIBUTES with PRIVATE on this VM type "
+                f"(type {self.type} offers {attributes:#x}; create the VM with a private type, e.g. SW_PROTECTED)",
+                "MEMORY_ATTRIBUTES",
+            )
+        for cap in (Cap.USER_MEMORY2, Cap.GUEST_MEMFD):
+            if not self.check_extension(cap):
+                raise Unavailable(
+                    f"private memory needs KVM_CAP_{cap.name} on this VM (type {self.type}), which lacks it", cap.name
+                )
+        shared = HostMemory.allocate(size, Backing.ANON)  # what shared-attribute gfns map
+        region = GuestRegion(gpa, size, shared, slot, int(MemFlag.GUEST_MEMFD), private=True)
+        try:
+            region.guest_memfd = self.create_guest_memfd(size, 0)  # never host-mapped
+            self.memory.add(region)
+            try:
+                self.set_user_memory_region2(slot, region.flags, gpa, size, shared.addr, region.guest_memfd, 0)
+                self.set_memory_attributes(gpa, size, abi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            except BaseException:
+                self.memory.remove(region)
+                raise
+        except BaseException:
+            region.release()
+            raise
+        self._next_slot = max(self._next_slot, slot + 1)
+        return region
+
     def remove_memory(self, region: GuestRegion) -> None:
         """Delete the region's memslot and free its memory."""
         self.memory.remove(region)
@@ -241,7 +281,7 @@ class Vm:
             if region.slot >= 0 and self._fd >= 0:
                 self.set_user_memory_region(region.slot, 0, region.gpa, 0, 0)
         finally:
-            region.host.close()
+            region.release()
 
     def prefault(
         self,
@@ -262,6 +302,15 @@ class Vm:
     def discard(self, gpa: int, size: int) -> None:
         """Give [gpa, gpa+size) back to the host: host and guest read zeros afterwards.
         guest_memfd and memfd punch a hole (fallocate); anonymous memory MADV_DONTNEED."""
+        region = self.memory.region_at(gpa)
+        if region is not None and region.private and gpa + size <= region.end:
+            offset = gpa - region.gpa
+            try:  # the guest's pages are in the guest_memfd; the shared side goes too
+                abi.libc_fallocate(region.guest_memfd, abi.FALLOC_FL_PUNCH_HOLE | abi.FALLOC_FL_KEEP_SIZE, offset, size)
+                region.host.discard(offset, size)
+            except KvmError as e:
+                raise GuestMemoryError(f"discard {gpa:#x}+{size:#x} failed: {e}", gpa, size) from e
+            return
         region, offset = self.memory.find(gpa, size)
         try:
             region.host.discard(offset, size)
