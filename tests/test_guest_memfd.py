@@ -21,7 +21,7 @@ import kvm_abi as abi
 from kvm_abi import Cap, GuestMemfdFlag, KvmError, MemFlag
 from vmm.config import MachineConfig
 from vmm.errors import ConfigError
-from vmm.machine import Machine, RunResult
+from vmm.machine import Machine
 from vmm.memory import Backing, HostMemory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.requires_cap("GUEST_MEMFD")]
@@ -212,29 +212,12 @@ def test_prefault_populates_guest_memfd_through_its_mapping(vm, strategy):
     assert report.resident_bytes == vm.memory.resident_bytes() == 16 * MiB
 
 
-class GmemMachine(Machine):
-    """A guest-memfd machine: ``before_boot(backend)`` runs where pre-population would,
-    ``after_run(backend)`` before the memory is released."""
-
-    def __init__(self, config: MachineConfig, before_boot: Callable[[Any], None], after_run: Callable[[Any], None]):
-        super().__init__(config)
-        self.before_boot, self.after_run = before_boot, after_run
-
-    def _prefault(self, backend: Any, ranges: list[tuple[int, int]]) -> Any:
-        self.before_boot(backend)
-        return None
-
-    def _run_built(self, timeout: float | None) -> RunResult:
-        result = super()._run_built(timeout)
-        self.after_run(self.backend)
-        return result
-
-
 def test_host_data_reaches_the_guest_and_punched_pages_read_zero_on_both_sides():
     base, pages, hole = 2 * MiB, 256, (2 * MiB + 64 * PAGE, 32 * PAGE)
     after: dict[str, bytes] = {}
 
-    def before_boot(backend: Any) -> None:
+    def before_boot(machine: Machine) -> None:
+        backend = machine.backend
         backend.memory.fill(base, pages * PAGE, 0xAA)
         backend.vm.discard(*hole)
         after["hole"] = backend.memory.read(*hole)
@@ -244,11 +227,10 @@ def test_host_data_reaches_the_guest_and_punched_pages_read_zero_on_both_sides()
         mem="8M",
         memory="guest-memfd",
         backend="kvm",
-        prefault="host",
         args={"base": hex(base), "pages": str(pages)},
         timeout=30,
     )
-    result = GmemMachine(config, before_boot, lambda _b: None).run()
+    result = Machine(config, before_boot=before_boot).run()
     assert result.status == 1, result.reason
     assert after["hole"] == bytes(hole[1])
     expected = (0xAAAAAAAAAAAAAAAA * (pages - hole[1] // PAGE)) & ((1 << 64) - 1)
@@ -259,9 +241,9 @@ def test_host_data_reaches_the_guest_and_punched_pages_read_zero_on_both_sides()
 def test_guest_writes_are_visible_to_the_host_through_the_mapping():
     seen: dict[int, int] = {}
 
-    def after_run(backend: Any) -> None:
+    def after_run(machine: Machine) -> None:
         for gpa in range(4 * MiB, 8 * MiB, 64 * PAGE):
-            seen[gpa] = backend.memory.read_u64(gpa)
+            seen[gpa] = machine.backend.memory.read_u64(gpa)
 
     config = MachineConfig(
         image=str(ROOT / "guests/memtouch64.elf"),
@@ -272,6 +254,6 @@ def test_guest_writes_are_visible_to_the_host_through_the_mapping():
         args={"passes": "2"},
         timeout=30,
     )
-    result = GmemMachine(config, lambda _b: None, after_run).run()
+    result = Machine(config, after_run=after_run).run()
     assert result.status == 1, result.reason
     assert seen and all(value == gpa + 1 for gpa, value in seen.items())  # the last pass (1) wrote gpa + 1
