@@ -243,8 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="measured runs per VMM and variant")
     parser.add_argument("--abi", action="store_true", help="also measure the Python VMM with cffi in ABI mode")
     parser.add_argument("--variant", choices=list(VARIANTS), action="append", help="only this variant (repeatable)")
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="host CPU both VMMs run on (default: the highest; -1: no pinning). Pinning both the same "
+        "way keeps the comparison fair and removes migrations from the noise",
+    )
     parser.add_argument("--worker", choices=list(VARIANTS.values()), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})  # inherited by the C VMM and worker subprocesses
     if args.count < 1 or args.repeats < 1:
         parser.error("--count and --repeats must be at least 1")
     try:
@@ -254,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"{CVMM.relative_to(REPO)} is not built: run `make -C bench` first")
         env = environment()
         env["cvmm_compiler"] = c_vmm_compiler()
+        env["pinned_cpu"] = args.cpu if args.cpu >= 0 else None
         runners: dict[str, Runner] = {"python": run_python, "c": run_c}
         if args.abi:
             runners["abi"] = run_python_abi

@@ -94,8 +94,11 @@ class KvmVcpuRunner:
         fast_get = fast.get
         counts = self.counts
         n_io = n_mmio = n_intr = 0
+        # `stop` is read only after EINTR: the machine never sets it without kicking every
+        # vCPU, and a kick sets immediate_exit first, so the next KVM_RUN (this thread's
+        # own, after a device asked to stop) returns EINTR at once.
         try:
-            while not stop.requested:
+            while True:
                 code = run_vcpu(fd, run)
                 call = fast_get(code)
                 if call is not None:
@@ -106,6 +109,8 @@ class KvmVcpuRunner:
                     if code in (_EINTR, _EAGAIN):  # a kick, or a signal: look at `stop`
                         run.immediate_exit = 0
                         n_intr += 1
+                        if stop.requested:
+                            return STOPPED
                         continue
                     return self._failed_run(-code)
                 if code & abi.FAST_IO:
@@ -125,7 +130,6 @@ class KvmVcpuRunner:
                     return HALTED
                 counts.other += 1
                 return self._unusual_exit(vcpu.decode_exit())
-            return STOPPED
         finally:
             counts.io += n_io
             counts.mmio += n_mmio
