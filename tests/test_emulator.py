@@ -18,7 +18,7 @@ from vmm.backends.emulator_memory import mmio_ranges, scratch_page
 from vmm.backends.emulator_state import describe_exception
 from vmm.backends.emulator_turns import Turns
 from vmm.cpu.layout import BootLayout, CpuMode, GiB, MiB
-from vmm.cpu.state import boot_state, write_system_tables
+from vmm.cpu.state import REG_NAMES, boot_state, write_system_tables
 from vmm.devices.bus import Bus
 from vmm.errors import Unavailable, UnhandledAccess, VmmError
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
@@ -193,26 +193,7 @@ def test_long_mode_runs_64_bit_code_and_halts(backend):
     assert vm.run() is HALTED
     assert vm.recorder.writes == [(0, bytes.fromhex("88776655")), (2, bytes.fromhex("4433"))]
     regs = vm.vcpu.regs()
-    assert list(regs) == [
-        "rax",
-        "rbx",
-        "rcx",
-        "rdx",
-        "rsi",
-        "rdi",
-        "rsp",
-        "rbp",
-        "r8",
-        "r9",
-        "r10",
-        "r11",
-        "r12",
-        "r13",
-        "r14",
-        "r15",
-        "rip",
-        "rflags",
-    ]
+    assert tuple(regs) == REG_NAMES
     assert regs["r9"] == 0x1122334455667788
     assert regs["rip"] == ENTRY64 + len(REGS64)  # after the hlt, as KVM reports it
     assert regs["rdi"] == BootLayout.BOOT_INFO and regs["rsp"] == BootLayout.stack_top(0)

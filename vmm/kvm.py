@@ -27,9 +27,9 @@ def kvm_device_path() -> str:
 def _open_error(path: str, err: OSError) -> Unavailable:
     code = err.errno
     if code == errno.ENOENT:
-        hint = "no such device; is KVM enabled (modprobe kvm_intel or kvm_amd) and is this a KVM-capable host?"
+        hint = "no such device (load kvm_intel or kvm_amd; the CPU needs virtualization enabled)"
     elif code in (errno.EACCES, errno.EPERM):
-        hint = "permission denied; add your user to the 'kvm' group or grant access (e.g. a udev rule)"
+        hint = "permission denied (add your user to the 'kvm' group, or grant access with a udev rule)"
     elif code == errno.ENXIO or code == errno.ENODEV:
         hint = "the device exists but no KVM module is behind it"
     else:

@@ -28,31 +28,11 @@ from unicorn import UC_MODE_32, UC_MODE_64, Uc, UcError
 from unicorn import x86_const as X
 
 from vmm.cpu.layout import CpuMode
-from vmm.cpu.state import CpuState, Segment
+from vmm.cpu.state import REG_NAMES, CpuState, Segment
 from vmm.errors import ConfigError
 
 MSR_EFER = 0xC0000080
 
-REG_NAMES = (
-    "rax",
-    "rbx",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-    "rsp",
-    "rbp",
-    "r8",
-    "r9",
-    "r10",
-    "r11",
-    "r12",
-    "r13",
-    "r14",
-    "r15",
-    "rip",
-    "rflags",
-)
 _REGS64 = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in REG_NAMES}
 # A UC_MODE_32 engine only knows the 32-bit names; r8-r15 do not exist there.
 _REGS32 = {

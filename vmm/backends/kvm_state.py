@@ -4,29 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmm.cpu.state import CpuState, Segment
+from vmm.cpu.state import REG_NAMES, CpuState, Segment
 from vmm.vcpu import Vcpu
-
-_REG_NAMES = (
-    "rax",
-    "rbx",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-    "rsp",
-    "rbp",
-    "r8",
-    "r9",
-    "r10",
-    "r11",
-    "r12",
-    "r13",
-    "r14",
-    "r15",
-    "rip",
-    "rflags",
-)
 
 
 def _set_segment(dst: Any, seg: Segment) -> None:
@@ -45,7 +24,7 @@ def apply_state(vcpu: Vcpu, state: CpuState) -> None:
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
-    for name in _REG_NAMES:
+    for name in REG_NAMES:
         setattr(regs, name, state.regs.get(name, 0))
     vcpu.set_regs(regs)
 
@@ -53,4 +32,4 @@ def apply_state(vcpu: Vcpu, state: CpuState) -> None:
 def read_regs(vcpu: Vcpu) -> dict[str, int]:
     """The general registers as a dict (for crash reports and tests)."""
     regs = vcpu.get_regs()
-    return {name: int(getattr(regs, name)) for name in _REG_NAMES}
+    return {name: int(getattr(regs, name)) for name in REG_NAMES}

@@ -36,6 +36,13 @@ from vmm.cpu.layout import (
 from vmm.errors import InputError
 from vmm.memory import GuestMemory
 
+REG_NAMES = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+    "rip", "rflags",
+)  # fmt: skip
+"""The general registers every backend reports, in ``struct kvm_regs`` order."""
+
 
 @dataclass(frozen=True, slots=True)
 class Segment:
