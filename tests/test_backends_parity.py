@@ -135,7 +135,7 @@ def test_without_kvm_vmm_run_falls_back_to_the_emulator_saying_why_in_one_line()
     assert proc.stdout == "hello from long mode\n"
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("vmm: /nonexistent: no such device; ")
+    assert lines[0].startswith("vmm: /nonexistent: no such device (")
     assert lines[0].endswith("; running on the in-process emulator")
     assert proc.returncode == 1
 
