@@ -77,3 +77,15 @@ def test_private_gfn_in_a_slot_without_guest_memfd_is_efault(kvm):
         with pytest.raises(PrefaultError) as info:
             drive_pre_fault(kernel.pre_fault_memory, vcpu, BASE, SZ_2M)
         assert info.value.errno == errno.EFAULT
+
+
+@pytest.mark.requires_vm_type("SW_PROTECTED")
+@pytest.mark.requires_cap("PRE_FAULT_MEMORY")
+def test_auto_prefault_allocates_and_maps_private_memory(kvm):
+    with kvm.create_vm(VmType.SW_PROTECTED) as vm:
+        vm.add_memory(BASE, SZ_2M, "guest-memfd", private=True)
+        report = vm.prefault(strategy="auto")
+        assert report.strategy == "host+kernel", report.summary()
+        assert report.bytes_done == SZ_2M
+        assert report.backing == "private"
+        assert any("private memory is never host-mapped" in limit for limit in report.limits)

@@ -79,6 +79,12 @@ _READ_FAULT_LIMIT = (
 )
 
 
+_PRIVATE_RESIDENCY_LIMIT = (
+    "private memory is never host-mapped and its guest_memfd does not report what it holds, so the "
+    "resident figure leaves it out"
+)
+
+
 def parse_strategy(name: str) -> str:
     """The strategy name, or InputError listing the choices."""
     if name not in STRATEGIES:
@@ -178,7 +184,10 @@ class _Run:
         used, reason, limits = self._dispatch(strategy, no_kvm)
         seconds = time.perf_counter() - started
         after = _host.resident_bytes(self.memory, self.ranges)
-        backings = sorted({p.region.host.backing.value for p in _host.split(self.memory, self.ranges, 1)})
+        pieces = _host.split(self.memory, self.ranges, 1)
+        backings = sorted({"private" if p.region.private else p.region.host.backing.value for p in pieces})
+        if any(p.region.private for p in pieces):
+            limits = [*limits, _PRIVATE_RESIDENCY_LIMIT]
         return PrefaultReport(
             requested=strategy,
             strategy=used,

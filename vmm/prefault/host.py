@@ -154,7 +154,20 @@ def run_parallel(
 
 
 def populate_piece(piece: Piece, *, write: bool = True) -> None:
-    """MADV_POPULATE_WRITE (or _READ) the host pages behind ``piece``."""
+    """MADV_POPULATE_WRITE (or _READ) the host pages behind ``piece``; for private memory,
+    whose pages the host never maps, allocate them in the guest_memfd (fallocate)."""
+    region = piece.region
+    if region.private:
+        offset = piece.gpa - region.gpa
+        try:
+            abi.libc_fallocate(region.guest_memfd, abi.FALLOC_FL_KEEP_SIZE, offset, piece.size)
+        except KvmError as e:
+            raise GuestMemoryError(
+                f"allocating private guest RAM {piece.gpa:#x}+{piece.size:#x} failed: {e.errno_name}",
+                piece.gpa,
+                piece.size,
+            ) from e
+        return
     advice = abi.MADV_POPULATE_WRITE if write else abi.MADV_POPULATE_READ
     try:
         abi.libc_madvise(piece.host_addr, piece.size, advice)
@@ -188,5 +201,7 @@ def resident_bytes(memory: GuestMemory, ranges: Sequence[tuple[int, int]]) -> in
     """Bytes of ``ranges`` resident in host RAM now (mincore over their host mappings)."""
     total = 0
     for p in split(memory, ranges, 1):
+        if p.region.private:  # never host-mapped, and a guest_memfd reports no block count
+            continue
         total += p.region.host.resident_bytes(p.region.host_offset + (p.gpa - p.region.gpa), p.size)
     return total
