@@ -202,7 +202,7 @@ def available_strategies() -> list[str]:
         with Kvm() as kvm:
             if kvm.check_extension(Cap.PRE_FAULT_MEMORY):
                 strategies.append("kernel")
-    except Exception:  # no KVM here: the emulator runs the host-side strategies
+    except (VmmError, OSError):  # no usable KVM (KvmError is an OSError): host-side strategies only
         pass
     return strategies
 
