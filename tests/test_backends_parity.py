@@ -8,15 +8,13 @@ included. The CLI's fallback to the emulator when /dev/kvm is missing is checked
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from vmm_cli import vmm
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests"
@@ -122,16 +120,14 @@ def test_kvm_and_the_emulator_agree(machine_factory, case: Case) -> None:
 
 
 # --- the CLI without /dev/kvm ---------------------------------------------------------------
-def _vmm(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VMM_KVM_DEVICE": "/nonexistent"}
-    return subprocess.run(
-        [sys.executable, "-m", "vmm", "run", *args], capture_output=True, text=True, env=env, timeout=120, check=False
-    )
+
+
+NO_KVM = {"VMM_KVM_DEVICE": "/nonexistent"}
 
 
 @pytest.mark.emulator
 def test_without_kvm_vmm_run_falls_back_to_the_emulator_saying_why_in_one_line() -> None:
-    proc = _vmm(str(GUESTS / "hello64.elf"), "-q")
+    proc = vmm("run", str(GUESTS / "hello64.elf"), "-q", env=NO_KVM)
     assert proc.stdout == "hello from long mode\n"
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
@@ -142,7 +138,7 @@ def test_without_kvm_vmm_run_falls_back_to_the_emulator_saying_why_in_one_line()
 
 @pytest.mark.emulator
 def test_without_kvm_the_summary_names_the_emulator() -> None:
-    proc = _vmm(str(GUESTS / "hello64.elf"))
+    proc = vmm("run", str(GUESTS / "hello64.elf"), env=NO_KVM)
     lines = proc.stderr.splitlines()
     assert [line for line in lines if "running on the in-process emulator" in line] == lines[:1]
     assert "on emulator" in lines[-1]
@@ -150,7 +146,7 @@ def test_without_kvm_the_summary_names_the_emulator() -> None:
 
 
 def test_without_kvm_forcing_the_kvm_backend_is_a_one_line_error() -> None:
-    proc = _vmm(str(GUESTS / "hello64.elf"), "--backend", "kvm")
+    proc = vmm("run", str(GUESTS / "hello64.elf"), "--backend", "kvm", env=NO_KVM)
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr

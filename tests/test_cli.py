@@ -5,23 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from vmm_cli import vmm
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def vmm(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmm", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str, status: int = 2) -> None:

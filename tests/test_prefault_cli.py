@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from vmm_cli import vmm
 
 from vmm.prefault.cli import Row, format_table, pass_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"strategy", "backing", "populate_seconds", "gib_per_s", "first_pass_seconds", "second_pass_seconds"}
-
-
-def vmm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmm", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=dict(os.environ),
-    )
 
 
 def kernel_has_prefault() -> bool:
