@@ -41,7 +41,6 @@ __all__ = [
     "run_vcpu",
 ]
 
-KVM_RUN_NUMBER = 0xAE80  # == ioc.KVM_RUN.number; the compiled run_vcpu() has it inlined
 
 if COMPILED:
     _ioctl_ptr = lib.vmm_ioctl_ptr
@@ -84,12 +83,13 @@ if COMPILED:
     run_vcpu = lib.vmm_run_vcpu
 else:
     _IO_REASON = int(ExitReason.IO)
+    _KVM_RUN_NUMBER = KVM_RUN.number  # noqa: F405  (the compiled run_vcpu() has it inlined)
 
     def run_vcpu(fd: int, run: Any) -> int:
         """KVM_RUN for the hot path: -errno; ``fast_io_code(...)`` for a single port access
         with its data in the PIO page; otherwise the exit reason. No exception, no
         allocation: the compiled module does this in C."""
-        if _ioctl_int(fd, KVM_RUN_NUMBER, 0) < 0:
+        if _ioctl_int(fd, _KVM_RUN_NUMBER, 0) < 0:
             return -ffi.errno
         reason = run.exit_reason
         if reason == _IO_REASON:

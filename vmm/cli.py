@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from kvm_abi import KvmError
 from vmm.config import BACKENDS, DEFAULT_TIMEOUT, MachineConfig
 from vmm.cpu.layout import CpuMode
-from vmm.errors import InputError, VmmError
+from vmm.errors import VmmError
 from vmm.memory import DEFAULT_BACKING, Backing
 
 STATUS_EPILOG = """\
@@ -147,8 +147,6 @@ def _notice(message: str) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    if ns.prefault is not None and ns.prefault not in ("auto", "kernel", "map-memory", "emulated", "host", "none"):
-        raise InputError(f"unknown --prefault strategy {ns.prefault!r}")
     config = MachineConfig(
         image=ns.image,
         mem=ns.mem,

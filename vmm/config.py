@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from vmm.bootinfo import encode_args
 from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.errors import InputError
 from vmm.memory import DEFAULT_BACKING, Backing, parse_backing
+from vmm.prefault import parse_strategy
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -111,6 +113,9 @@ class MachineConfig:
             raise InputError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
         if self.prefault_threads is not None and self.prefault_threads < 1:
             raise InputError("--threads must be at least 1")
+        if self.prefault is not None:
+            parse_strategy(self.prefault)
+        encode_args(self.args)  # keys, values and size must fit the boot info
 
     @property
     def mem_bytes(self) -> int:

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from vmm.backends import open_backend
 from vmm.backends.base import Backend, StopFlag, VcpuOutcome, VcpuRunner
-from vmm.bootinfo import encode_args, write_boot_info
+from vmm.bootinfo import write_boot_info
 from vmm.config import MachineConfig
 from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.cpu.state import boot_state, write_system_tables
@@ -205,7 +205,6 @@ class Machine:
             entry=cfg.entry,  # type: ignore[arg-type]
         )
         self.image = image
-        encode_args(cfg.args)
         backend = open_backend(cfg.backend, self.notice)
         stack.callback(backend.close)
         self.backend = backend

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -268,6 +268,11 @@ class GuestRegion:
         return f"GuestRegion(gpa={self.gpa:#x}, size={self.size:#x}, {self.host.backing.value}, slot={self.slot})"
 
 
+def describe_ranges(ranges: Iterable[tuple[int, int]]) -> str:
+    """``[(0, 0x1000)]`` -> ``"0x0-0xfff"``: a RAM map for error messages."""
+    return ", ".join(f"{base:#x}-{base + size - 1:#x}" for base, size in ranges) or "no RAM"
+
+
 class GuestMemory:
     """The guest-physical address map: non-overlapping regions, bounds-checked access."""
 
@@ -314,7 +319,7 @@ class GuestMemory:
 
     def describe(self) -> str:
         """The map, one ``gpa-end`` range per region, for error messages."""
-        return ", ".join(f"{r.gpa:#x}-{r.end - 1:#x}" for r in self._regions) or "no RAM"
+        return describe_ranges((r.gpa, r.size) for r in self._regions)
 
     def region_at(self, gpa: int) -> GuestRegion | None:
         """The region containing ``gpa``, or None."""

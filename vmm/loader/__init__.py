@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.errors import InputError
-from vmm.memory import GuestMemory
+from vmm.memory import GuestMemory, describe_ranges
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,6 @@ class ImagePlan:
         return self
 
 
-LoadedImage = ImagePlan  # what a loaded image is described by
-
-
 def read_image(path: str | Path) -> bytes:
     """The image's bytes; InputError for a missing, unreadable, or empty file."""
     p = Path(path)
@@ -75,10 +72,6 @@ def read_image(path: str | Path) -> bytes:
     if not data:
         raise InputError(f"{p}: empty image")
     return data
-
-
-def describe_ranges(ram: Sequence[tuple[int, int]]) -> str:
-    return ", ".join(f"{base:#x}-{base + size - 1:#x}" for base, size in ram) or "no RAM"
 
 
 def check_placement(path: str, ram: Sequence[tuple[int, int]], mode: CpuMode, gpa: int, size: int) -> None:
