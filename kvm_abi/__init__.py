@@ -3,6 +3,12 @@ one function that issues ``ioctl(2)``.
 
 Nothing here knows policy: no threads, no logging, no retries. ``vmm`` builds on it.
 
+The compiled cffi module (``kvm_abi._kvm_cffi``, built at install time) is used when it is
+present and current; otherwise ABI mode (``dlopen``), as an install without a C compiler
+gets. ``VMM_CFFI=abi`` in the environment forces ABI mode (benchmarks and tests of that
+fallback use it); ``COMPILED`` says which is in use. In ABI mode the kick signal handler can
+only be installed from the main thread (``install_kick_handler`` returns False).
+
 >>> import kvm_abi
 >>> kvm_abi.KVM_PRE_FAULT_MEMORY.number == 0xC040AED5
 True

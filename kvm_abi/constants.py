@@ -10,6 +10,12 @@ from enum import IntEnum, IntFlag
 KVM_API_VERSION = 12
 PAGE_SIZE = 4096
 
+# errno values KVM returns that Python's errno module lacks (3.11 has no EHWPOISON), as
+# x86 Linux numbers them (include/uapi/asm-generic/errno.h). Every other errno the
+# project uses is in the errno module.
+EHWPOISON = 133
+"""KVM_RUN: the memory behind a guest access is hardware-poisoned (with a memory-fault exit)."""
+
 
 class Cap(IntEnum):
     """KVM_CAP_* numbers. Names drop the ``KVM_CAP_`` prefix."""

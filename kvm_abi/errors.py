@@ -5,6 +5,11 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from kvm_abi.constants import EHWPOISON
+
+# Names Python's errno table lacks or spells otherwise (it calls 95 ENOTSUP).
+_ERRNO_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", EHWPOISON: "EHWPOISON"}
+
 
 class KvmError(OSError):
     """An ioctl (or libc call) failed. ``errno`` and ``strerror`` are the OS's; ``ioctl``
@@ -20,9 +25,8 @@ class KvmError(OSError):
     @property
     def errno_name(self) -> str:
         """The symbolic name of ``errno`` (``EINVAL``); EOPNOTSUPP rather than Python's ENOTSUP."""
-        if self.errno == _errno.EOPNOTSUPP:
-            return "EOPNOTSUPP"
-        return _errno.errorcode.get(self.errno or 0, f"errno {self.errno}")
+        code = self.errno or 0
+        return _ERRNO_NAMES.get(code) or _errno.errorcode.get(code, f"errno {self.errno}")
 
     def __str__(self) -> str:
         where = f" on {self.target}" if self.target else ""

@@ -45,7 +45,7 @@ def _elf_with(tmp_path: Path, patch) -> str:
         (["run", "guests/hello64.elf", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["run", "guests/hello64.elf", "--mode", "warp"], "unknown mode 'warp'"),
         (["run", "guests/hello64.elf", "--arg", "novalue"], "is not KEY=VALUE"),
-        (["run", "guests/hello64.elf", "--timeout", "-1"], "must not be negative"),
+        (["run", "guests/hello64.elf", "--timeout", "-1"], "bad timeout"),
         (["run", "guests/hello64.elf", "--load-addr", "0x200000"], "--load-addr is for flat binaries"),
         (["run", "guests/hello16.bin", "--load-addr", "zz"], "bad load address 'zz'"),
         (["run", "guests/hello16.bin", "--mode", "long", "--load-addr", "0x3000"], "overlaps the VMM's boot"),

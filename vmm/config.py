@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,10 +14,12 @@ from vmm.errors import InputError
 from vmm.memory import DEFAULT_BACKING, Backing, parse_backing
 from vmm.prefault import parse_strategy
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 BACKENDS = ("auto", "kvm", "emulator")
 DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 30 * 24 * 3600.0  # a month: far beyond any run, well inside threading.TIMEOUT_MAX
+MAX_ADDRESS = (1 << 64) - 1
 
 
 def parse_size(text: str | int) -> int:
@@ -33,13 +36,51 @@ def parse_size(text: str | int) -> int:
 def parse_number(text: str | int, what: str) -> int:
     """``"0x7c00"`` or ``"31744"`` -> 31744; InputError naming ``what`` otherwise."""
     if isinstance(text, int):
-        return text
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise InputError(f"bad {what} {text!r}: use a number such as 0x100000") from None
+        value = text
+    else:
+        try:
+            if not text.isascii():
+                raise ValueError(text)
+            value = int(text, 0)
+        except ValueError:
+            raise InputError(f"bad {what} {text!r}: use a number such as 0x100000") from None
     if value < 0:
         raise InputError(f"bad {what} {text!r}: must not be negative")
+    if value > MAX_ADDRESS:
+        raise InputError(f"bad {what} {text!r}: more than 64 bits")
+    return value
+
+
+def parse_count(text: str | int, what: str, low: int, high: int) -> int:
+    """An ASCII decimal integer in [low, high]; InputError naming ``what`` otherwise
+    (Python's int() would also take other scripts' digits)."""
+    if isinstance(text, str):
+        stripped = text.strip()
+        if not (stripped.isascii() and stripped.isdigit()):
+            raise InputError(f"bad {what} {text!r}: use a whole number")
+        value = int(stripped)
+    else:
+        value = text
+    if not low <= value <= high:
+        raise InputError(f"{what} must be between {low} and {high}, not {value}")
+    return value
+
+
+def parse_timeout(text: str | float | None) -> float | None:
+    """Seconds as a finite number in [0, MAX_TIMEOUT] (ASCII); 0 or None = no limit."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        try:
+            if not text.strip().isascii():
+                raise ValueError(text)
+            value = float(text)
+        except ValueError:
+            raise InputError(f"bad timeout {text!r}: use a number of seconds") from None
+    else:
+        value = float(text)
+    if not math.isfinite(value) or value < 0 or value > MAX_TIMEOUT:
+        raise InputError(f"bad timeout {text!r}: use a number of seconds from 0 (no limit) to {MAX_TIMEOUT:.0f}")
     return value
 
 
@@ -67,6 +108,10 @@ class MachineConfig:
     memory: Backing | str = DEFAULT_BACKING
     prefault: str | None = None
     prefault_threads: int | None = None
+    irqchip: bool = True
+    append: str = ""
+    modules: tuple[tuple[str, str | None], ...] = ()
+    fw_cfg: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -86,6 +131,10 @@ class MachineConfig:
         if self.entry is not None:
             put("entry", parse_number(self.entry, "entry address"))
         put("args", MappingProxyType(dict(self.args)))
+        put("timeout", parse_timeout(self.timeout))
+        put("vcpus", parse_count(self.vcpus, "--vcpus", 1, BootLayout.MAX_VCPUS))
+        put("modules", tuple((str(path), None if text is None else str(text)) for path, text in self.modules))
+        put("fw_cfg", tuple(str(option) for option in self.fw_cfg))
         put("memory", parse_backing(self.memory))
         self.validate()
 
@@ -107,8 +156,8 @@ class MachineConfig:
             raise InputError("--memory hugetlb needs --mem to be a multiple of 2 MiB")
         if not 1 <= self.vcpus <= BootLayout.MAX_VCPUS:
             raise InputError(f"--vcpus must be between 1 and {BootLayout.MAX_VCPUS}, not {self.vcpus}")
-        if self.timeout is not None and self.timeout < 0:
-            raise InputError("--timeout must not be negative")
+        if "\0" in self.append:
+            raise InputError("--append: the command line contains a NUL byte")
         if self.backend not in BACKENDS:
             raise InputError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
         if self.prefault_threads is not None and self.prefault_threads < 1:

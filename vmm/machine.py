@@ -1,9 +1,13 @@
-"""``Machine``: memory + devices + vCPUs on a backend; ``run()`` -> :class:`RunResult`.
+"""``Machine``: memory + platform + devices + vCPUs on a backend; ``run()`` -> :class:`RunResult`.
 
 The build is a recipe in a fixed order (Firecracker's builder), unwound by an
 ExitStack on any error; devices are listed here explicitly, never registered by
 import side effects. One thread per vCPU runs the backend's loop; the main thread
 waits for the first terminal event or the timeout, then stops and kicks the rest.
+
+Images that follow PC conventions (Multiboot kernels, flat real-mode images) start the
+way a PC does: only vCPU 0 runs at the entry; the others wait in their local APIC for
+INIT/SIPI. The project's own ELF contract starts every vCPU at the entry.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 from vmm.backends import open_backend
@@ -21,135 +24,45 @@ from vmm.backends.base import Backend, StopFlag, VcpuOutcome, VcpuRunner
 from vmm.bootinfo import write_boot_info
 from vmm.config import MachineConfig
 from vmm.cpu.layout import BootLayout, CpuMode
-from vmm.cpu.state import boot_state, write_system_tables
-from vmm.devices import Bus, ExitPort, Marker, PostCode, Serial16550
-from vmm.devices.exit_port import EXIT_PORT
-from vmm.devices.marker import MARK_PORT
-from vmm.devices.post import POST_PORT
-from vmm.devices.serial import COM1
+from vmm.cpu.state import boot_state, pc_boot_state, write_system_tables
+from vmm.devices import Bus, Marker
 from vmm.errors import VmmError
 from vmm.loader import ImagePlan, plan_image
+from vmm.platform.devices import attach_pc_devices, load_fw_cfg_files
+from vmm.result import (
+    STATUS_BROKEN_PIPE,
+    STATUS_CRASHED,
+    STATUS_HALTED,
+    STATUS_INTERRUPTED,
+    STATUS_RESET,
+    STATUS_TIMEOUT,
+    Console,
+    Crash,
+    RunResult,
+    exit_status_for_value,
+)
+
+__all__ = [
+    "STATUS_BROKEN_PIPE",
+    "STATUS_CRASHED",
+    "STATUS_HALTED",
+    "STATUS_INTERRUPTED",
+    "STATUS_TIMEOUT",
+    "Crash",
+    "Machine",
+    "RunResult",
+    "exit_status_for_value",
+]
 
 log = logging.getLogger("vmm.machine")
 
-STATUS_HALTED = 0
-STATUS_BAD_INPUT = 2
-STATUS_CRASHED = 4
-STATUS_TIMEOUT = 124
-STATUS_INTERRUPTED = 130
 JOIN_GRACE_SECONDS = 2.0
-
-
-def exit_status_for_value(value: int) -> int:
-    """The process exit status for a value written to the exit port: (v << 1) | 1, as an
-    8-bit status (QEMU's isa-debug-exit convention)."""
-    return ((value << 1) | 1) & 0xFF
-
-
-@dataclass
-class Crash:
-    """Where and how a vCPU crashed."""
-
-    vcpu: int
-    detail: str
-    rip: int | None
-    triple_fault: bool = False
-    regs: dict[str, int] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        where = f" at rip {self.rip:#x}" if self.rip is not None else ""
-        return f"vCPU {self.vcpu}: {self.detail}{where}"
-
-
-@dataclass
-class RunResult:
-    """What a run produced. ``status`` is the process exit status (DESIGN.md)."""
-
-    status: int
-    reason: str
-    console: bytes
-    vcpus: int
-    exits: list[dict[str, int]]
-    seconds: float
-    backend: str
-    exit_value: int | None = None
-    crash: Crash | None = None
-    marks: list[tuple[int, int, int]] = field(default_factory=list)
-    prefault: Any = None
-    image: str = ""
-    mode: str = ""
-
-    @property
-    def total_exits(self) -> int:
-        return sum(sum(v for k, v in e.items() if k != "interrupted") for e in self.exits)
-
-    def summary(self) -> str:
-        """One line for a terminal."""
-        n = self.vcpus
-        return (
-            f"{self.reason} (status {self.status}) after {self.seconds:.3f} s on {self.backend}, "
-            f"{n} vCPU{'s' if n != 1 else ''}, {self.total_exits} exits"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``vmm run --json`` object."""
-        out: dict[str, Any] = {
-            "status": self.status,
-            "reason": self.reason,
-            "console": self.console.decode("utf-8", errors="replace"),
-            "vcpus": self.vcpus,
-            "exits": self.exits,
-            "seconds": round(self.seconds, 6),
-            "backend": self.backend,
-            "exit_value": self.exit_value,
-            "image": self.image,
-            "mode": self.mode,
-            "marks": [{"ns": ns, "vcpu": cpu, "value": value} for ns, cpu, value in self.marks],
-        }
-        if self.crash is not None:
-            out["crash"] = {
-                "vcpu": self.crash.vcpu,
-                "detail": self.crash.detail,
-                "rip": self.crash.rip,
-                "triple_fault": self.crash.triple_fault,
-                "regs": self.crash.regs,
-            }
-        if self.prefault is not None:
-            out["prefault"] = self.prefault.to_json()
-        return out
 
 
 class _StuckVcpus(VmmError):
     """vCPU threads that did not stop within JOIN_GRACE_SECONDS of the end of the run."""
 
     status = 4
-
-
-class Console:
-    """Collects serial output; optionally streams it live to ``stream``."""
-
-    def __init__(self, stream: IO[bytes] | None = None) -> None:
-        self._buf = bytearray()
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._buf += data
-            if self._stream is not None:
-                self._stream.write(data)
-                if data.endswith(b"\n"):
-                    self._stream.flush()
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._stream is not None:
-                self._stream.flush()
-
-    @property
-    def data(self) -> bytes:
-        with self._lock:
-            return bytes(self._buf)
 
 
 class Machine:
@@ -175,7 +88,7 @@ class Machine:
         self.config = config
         self.before_boot = before_boot
         self.after_run = after_run
-        self.console = Console(console)
+        self.console = Console(console, on_broken=self._console_broken)
         self.notice = notice or (lambda message: log.info("%s", message))
         self.progress = progress
         self.stop = StopFlag()
@@ -186,8 +99,7 @@ class Machine:
         self.bus = Bus(strict=config.strict)
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._exit_value: int | None = None
-        self._crash: Crash | None = None
+        self._end: tuple[str, Any] | None = None  # the first terminal event: (kind, detail)
         self._outcomes: dict[int, VcpuOutcome] = {}
         self._prefault_report: Any = None
 
@@ -195,17 +107,20 @@ class Machine:
     def _build(self, stack: contextlib.ExitStack) -> None:
         cfg = self.config
         ram_ranges = BootLayout.ram_ranges(cfg.mem_bytes)
-        # The image is read and checked before any fd or mapping exists: bad input fails
-        # first, with nothing to unwind and no backend notice before the error line.
+        # The image, its modules and fw_cfg files are read and checked before any fd or
+        # mapping exists: bad input fails first, with nothing to unwind.
         image = plan_image(
             cfg.image,
             ram_ranges,
             mode=CpuMode(cfg.mode) if cfg.mode else None,
             load_addr=cfg.load_addr,  # type: ignore[arg-type]
             entry=cfg.entry,  # type: ignore[arg-type]
+            cmdline=cfg.append,
+            modules=cfg.modules,
         )
         self.image = image
-        backend = open_backend(cfg.backend, self.notice)
+        fw_cfg_files = load_fw_cfg_files(cfg.fw_cfg, self.notice)
+        backend = open_backend(cfg.backend, self.notice, irqchip=cfg.irqchip)
         stack.callback(backend.close)
         self.backend = backend
         for gpa, size in ram_ranges:
@@ -213,31 +128,43 @@ class Machine:
         if cfg.prefault and cfg.prefault != "none":
             self._prefault_report = self._prefault(backend, ram_ranges)
         memory = backend.memory
-        write_system_tables(memory, image.mode)
-        image.load(memory)
-        write_boot_info(
-            memory,
-            ram_ranges=ram_ranges,
+        if image.pc:
+            image.load(memory)  # the plan holds its own boot structures
+        else:
+            write_system_tables(memory, image.mode)
+            image.load(memory)
+            write_boot_info(
+                memory,
+                ram_ranges=ram_ranges,
+                nr_vcpus=cfg.vcpus,
+                mode=image.mode,
+                image_start=image.start,
+                image_end=image.end,
+                args=cfg.args,
+            )
+        attach_pc_devices(
+            self.bus,
+            memory=memory,
+            console=self.console.write,
+            marker=self.marker,
+            request_exit=self._request_exit,
+            request_reset=self._request_reset,
+            ram_size=cfg.mem_bytes,
             nr_vcpus=cfg.vcpus,
-            mode=image.mode,
-            image_start=image.start,
-            image_end=image.end,
-            args=cfg.args,
+            fw_cfg_files=fw_cfg_files,
         )
-        self._attach_devices()
+        pc_smp = image.pc or image.mode is CpuMode.REAL
         for index in range(cfg.vcpus):
             runner = backend.create_vcpu(index)
             self.vcpus.append(runner)
-            runner.set_state(boot_state(image.mode, image.entry, index))
+            if index and pc_smp:
+                runner.park()  # an application processor: waits for INIT/SIPI
+            elif image.pc:
+                runner.set_state(pc_boot_state(image))
+            else:
+                runner.set_state(boot_state(image.mode, image.entry, index))
         if self.before_boot is not None:
             self.before_boot(self)
-
-    def _attach_devices(self) -> None:
-        bus = self.bus
-        bus.register_pio(COM1, Serial16550.WIDTH, Serial16550(self.console.write))
-        bus.register_pio(EXIT_PORT, 1, ExitPort(self._request_exit))
-        bus.register_pio(POST_PORT, 1, PostCode())
-        bus.register_pio(MARK_PORT, 1, self.marker)
 
     def _prefault(self, backend: Backend, ranges: list[tuple[int, int]]) -> Any:
         from vmm.prefault import prefault_backend
@@ -250,18 +177,22 @@ class Machine:
             progress=self.progress,
         )
 
-    # --- events from vCPU threads --------------------------------------------------------
-    def _request_exit(self, value: int) -> None:
+    # --- events from vCPU threads (and devices) ------------------------------------------
+    def _finish(self, kind: str, detail: Any) -> None:
+        """Record the run's end (the first event wins) and stop every vCPU."""
         with self._lock:
-            if self._exit_value is None and self._crash is None:
-                self._exit_value = value
+            if self._end is None:
+                self._end = (kind, detail)
         self._stop_all()
 
-    def _record_crash(self, crash: Crash) -> None:
-        with self._lock:
-            if self._crash is None and self._exit_value is None:
-                self._crash = crash
-        self._stop_all()
+    def _request_exit(self, value: int) -> None:
+        self._finish("exit", value)
+
+    def _request_reset(self, source: str = "reset") -> None:
+        self._finish("reset", source)
+
+    def _console_broken(self) -> None:
+        self._finish("broken-pipe", None)
 
     def _stop_all(self) -> None:
         self.stop.requested = True
@@ -284,7 +215,7 @@ class Machine:
             with contextlib.suppress(Exception):
                 regs = runner.regs()
             rip = outcome.rip if outcome.rip is not None else regs.get("rip")
-            self._record_crash(Crash(runner.index, outcome.detail, rip, outcome.triple_fault, regs))
+            self._finish("crash", Crash(runner.index, outcome.detail, rip, outcome.triple_fault, regs))
         with self._lock:
             remaining[0] -= 1
             if remaining[0] == 0:
@@ -293,60 +224,93 @@ class Machine:
     # --- running -------------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> RunResult:
         """Build the machine, run it to its end, release everything, return the result.
-        ``timeout`` (seconds; None or 0 = the config's) bounds the guest's run time."""
-        timeout = self.config.timeout if timeout is None else timeout
+        ``timeout`` (seconds; None = the config's, 0 = none) bounds the guest's run time,
+        counted from the moment the first vCPU thread starts (building and pre-population
+        are not the guest's time)."""
+        from vmm.config import parse_timeout
+
+        limit = self.config.timeout if timeout is None else parse_timeout(timeout)
         with contextlib.ExitStack() as stack:
             self._build(stack)
-            try:
-                return self._run_built(timeout or None)
-            except _StuckVcpus:
-                # A vCPU thread ignored every kick and may still touch guest memory or its
-                # kvm_run page: leak them rather than unmap them under its feet.
-                stack.pop_all()
-                raise
+            return self._run_built(stack, limit or None)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _run_built(self, timeout: float | None) -> RunResult:
+    def _run_built(self, stack: contextlib.ExitStack, timeout: float | None) -> RunResult:
         remaining = [len(self.vcpus)]
         threads = [
             threading.Thread(target=self._vcpu_thread, args=(r, remaining), name=f"vcpu-{r.index}", daemon=True)
             for r in self.vcpus
         ]
-        started = time.monotonic()
-        for t in threads:
-            t.start()
-        timed_out = interrupted = False
+        timed_out = interrupted = idle = False
+        run_started = time.monotonic()
         try:
-            finished = self._done.wait(timeout)
-            timed_out = not finished
+            for t in threads:
+                t.start()
+            timed_out, idle = self._wait(threads, run_started, timeout)
         except KeyboardInterrupt:
             interrupted = True
-        seconds = time.monotonic() - started
-        self._stop_all()
-        deadline = time.monotonic() + JOIN_GRACE_SECONDS
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in threads if t.is_alive()]
-        if stuck:
-            raise _StuckVcpus(f"vCPU threads did not stop after the run ended: {', '.join(stuck)}")
+        finally:
+            seconds = time.monotonic() - run_started
+            self._stop_all()
+            deadline = time.monotonic() + JOIN_GRACE_SECONDS
+            for t in threads:
+                if t.ident is not None:
+                    t.join(max(0.0, deadline - time.monotonic()))
+            stuck = [t.name for t in threads if t.is_alive()]
+            if stuck:
+                # A vCPU thread ignored every kick and may still touch guest memory or its
+                # kvm_run page: leak them rather than unmap them under its feet.
+                stack.pop_all()
+                raise _StuckVcpus(f"vCPU threads did not stop after the run ended: {', '.join(stuck)}")
         self.console.flush()
         if self.after_run is not None:
             self.after_run(self)
-        return self._result(seconds, timed_out, interrupted, timeout)
+        return self._result(seconds, timed_out, interrupted, idle, timeout)
 
-    def _result(self, seconds: float, timed_out: bool, interrupted: bool, timeout: float | None) -> RunResult:
-        if self._crash is not None:
-            status, reason = STATUS_CRASHED, f"guest crashed: {self._crash.describe()}"
-        elif self._exit_value is not None:
-            status = exit_status_for_value(self._exit_value)
-            reason = f"guest exited with value {self._exit_value}"
+    def _wait(self, threads: list[threading.Thread], started: float, timeout: float | None) -> tuple[bool, bool]:
+        """Wait for the end: (timed out, every vCPU halted for good as the idle watch saw)."""
+        assert self.backend is not None
+        watch_for = getattr(self.backend, "idle_watch", None)
+        watch = watch_for(self.vcpus) if watch_for is not None else None
+        deadline = None if timeout is None else started + timeout
+        while True:
+            step: float | None = None
+            if deadline is not None:
+                step = deadline - time.monotonic()
+                if step <= 0:
+                    return not self._done.is_set(), False
+            if watch is not None:
+                step = watch.interval if step is None else min(step, watch.interval)
+            if self._done.wait(step):
+                return False, False
+            if watch is not None:
+                live = {r.index: t for r, t in zip(self.vcpus, threads, strict=True) if r.index not in self._outcomes}
+                if watch.all_halted(live):
+                    return False, True
+
+    def _result(
+        self, seconds: float, timed_out: bool, interrupted: bool, idle: bool, timeout: float | None
+    ) -> RunResult:
+        assert self.backend is not None and self.image is not None
+        kind, detail = self._end or ("", None)
+        exit_value: int | None = None
+        crash: Crash | None = None
+        if kind == "crash":
+            crash = detail
+            status, reason = STATUS_CRASHED, f"guest crashed: {detail.describe()}"
+        elif kind == "exit":
+            exit_value = detail
+            status, reason = exit_status_for_value(detail), f"guest exited with value {detail}"
+        elif kind == "reset":
+            status, reason = STATUS_RESET, f"guest reset the machine ({detail})"
+        elif kind == "broken-pipe":
+            status, reason = STATUS_BROKEN_PIPE, "stopped: the console's reader went away (broken pipe)"
         elif interrupted:
             status, reason = STATUS_INTERRUPTED, "interrupted"
-        elif timed_out:
+        elif timed_out and not idle:
             status, reason = STATUS_TIMEOUT, f"timeout after {timeout:g} s"
         else:
             status, reason = STATUS_HALTED, "all vCPUs halted"
-        assert self.backend is not None and self.image is not None
         return RunResult(
             status=status,
             reason=reason,
@@ -355,10 +319,13 @@ class Machine:
             exits=[r.counts.as_dict() for r in self.vcpus],
             seconds=seconds,
             backend=self.backend.name,
-            exit_value=self._exit_value,
-            crash=self._crash,
+            exit_value=exit_value,
+            crash=crash,
             marks=list(self.marker.marks),
             prefault=self._prefault_report,
             image=self.config.image,
             mode=self.image.mode.value,
+            console_dropped=self.console.dropped,
+            marks_dropped=getattr(self.marker, "dropped", 0),
+            console_error=self.console.error,
         )

@@ -11,8 +11,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import kvm_abi as abi
-from kvm_abi import ExitReason, KvmError, ffi
+from kvm_abi import EHWPOISON, ExitReason, KvmError, ffi
 from vmm import exits as ex
+from vmm.errors import ConfigError
 
 if TYPE_CHECKING:
     from vmm.vm import Vm
@@ -26,8 +27,14 @@ _kick_lock = threading.Lock()
 
 def ensure_kick_handler() -> bool:
     """Make KICK_SIGNAL interrupt KVM_RUN: a C no-op handler installed from any thread
-    (compiled cffi), else a Python one (main thread only). Returns False if neither
-    could be installed; kicks then take effect at the vCPU's next exit."""
+    (compiled cffi), else a Python one (main thread only). Idempotent; returns True.
+
+    Raises ConfigError when neither can be installed (cffi ABI mode, off the main thread):
+    the signal's default action would kill the process, and without the signal a vCPU
+    inside KVM_RUN (an in-kernel HLT, a guest that never exits) cannot be stopped. Call it
+    before creating anything that would need a kick; :meth:`Vcpu.kick` never sends the
+    signal without it.
+    """
     global _kick_installed
     with _kick_lock:
         if _kick_installed:
@@ -38,7 +45,17 @@ def ensure_kick_handler() -> bool:
             signal.signal(KICK_SIGNAL, lambda signo, frame: None)
             signal.siginterrupt(KICK_SIGNAL, True)
             _kick_installed = True
-        return _kick_installed
+        else:
+            raise ConfigError(
+                "cannot install the vCPU kick signal handler off the main thread without kvm_abi's compiled "
+                "module: run the VMM from the main thread, or reinstall the project with a C compiler"
+            )
+        return True
+
+
+def kick_handler_installed() -> bool:
+    """Whether :func:`ensure_kick_handler` has installed the kick handler in this process."""
+    return _kick_installed
 
 
 _EXIT_IO = int(ExitReason.IO)
@@ -227,12 +244,16 @@ class Vcpu:
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN soon: immediate_exit first (covers a thread about
-        to enter), then the kick signal (covers one inside). Safe from any thread."""
+        to enter), then the kick signal (covers one inside). Safe from any thread.
+
+        The signal is sent only once :func:`ensure_kick_handler` installed its handler (its
+        default action kills the process); without it, immediate_exit alone takes effect at
+        the vCPU's next exit."""
         with self._lock:
             if self._fd < 0:
                 return
             self.run_struct.immediate_exit = 1
-            if self._thread is not None and self._thread != threading.get_ident():
+            if _kick_installed and self._thread is not None and self._thread != threading.get_ident():
                 try:
                     signal.pthread_kill(self._thread, KICK_SIGNAL)
                 except ProcessLookupError:
@@ -251,7 +272,7 @@ class Vcpu:
             if err == errno.EINTR or err == errno.EAGAIN:
                 run.immediate_exit = 0
                 return ex.INTERRUPTED
-            if err in (errno.EFAULT, errno.EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
+            if err in (errno.EFAULT, EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
                 mf = run.memory_fault
                 return ex.MemoryFault(int(mf.flags), int(mf.gpa), int(mf.size))
             raise KvmError(err, "KVM_RUN", self.name)

@@ -23,16 +23,17 @@ def kvm_usable() -> tuple[bool, str]:
         return False, f"{e.ioctl} failed: {e.errno_name}"
 
 
-def open_backend(name: str = "auto", notice: Callable[[str], None] | None = None) -> Backend:
+def open_backend(name: str = "auto", notice: Callable[[str], None] | None = None, *, irqchip: bool = True) -> Backend:
     """``kvm``, ``emulator``, or ``auto`` (KVM when it works, else the emulator, saying why
-    through ``notice``)."""
+    through ``notice``). ``irqchip``: KVM's in-kernel interrupt controllers (the emulator
+    always models its local APICs)."""
     from kvm_abi import KvmError
 
     if name in ("kvm", "auto"):
         from vmm.backends.kvm import KvmBackend
 
         try:
-            return KvmBackend()
+            return KvmBackend(irqchip=irqchip)
         except Unavailable as e:
             if name == "kvm":
                 raise

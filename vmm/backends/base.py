@@ -38,6 +38,7 @@ class VcpuOutcome:
 
 
 HALTED = VcpuOutcome("halted", "halted")
+NEVER_STARTED = VcpuOutcome("halted", "never started (waited for INIT/SIPI)")
 STOPPED = VcpuOutcome("stopped", "stopped")
 
 
@@ -69,7 +70,12 @@ class VcpuRunner(Protocol):
     counts: ExitCounts
 
     def set_state(self, state: CpuState) -> None:
-        """Load the boot register state."""
+        """Load the boot register state: the vCPU starts there when its loop runs."""
+
+    def park(self) -> None:
+        """Instead of ``set_state``: the vCPU waits, as a PC's application processors do,
+        for INIT/SIPI from another vCPU's local APIC. Its loop returns ``NEVER_STARTED``
+        (a "halted" outcome) once nothing can start it any more."""
 
     def run_loop(self, bus: Bus, stop: StopFlag) -> VcpuOutcome:
         """Run (on the calling thread) until halt, crash, or ``stop.requested``; port and

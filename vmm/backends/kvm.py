@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import errno
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import kvm_abi as abi
-from kvm_abi import Cap, ExitReason, KvmError, ffi
+from kvm_abi import Cap, ExitReason, KvmError, MpState, ffi
 from vmm import exits as ex
-from vmm.backends.base import HALTED, STOPPED, ExitCounts, StopFlag, VcpuOutcome
+from vmm.backends.base import HALTED, NEVER_STARTED, STOPPED, ExitCounts, StopFlag, VcpuOutcome
+from vmm.backends.kvm_idle import IdleWatch
 from vmm.backends.kvm_state import apply_state, read_regs
 from vmm.cpu.state import CpuState
 from vmm.devices.bus import Bus
-from vmm.errors import ConfigError
+from vmm.errors import ConfigError, Unavailable
 from vmm.kvm import Kvm
 from vmm.memory import Backing, GuestMemory, GuestRegion
 from vmm.vcpu import Vcpu, ensure_kick_handler
@@ -33,9 +35,18 @@ _EAGAIN = -errno.EAGAIN
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + 8
 
 
-def cpuid_for_vcpu(supported: Any, index: int) -> Any:
-    """A copy of KVM's supported CPUID with this vCPU's APIC id filled in (leaf 1 EBX
-    bits 31:24, leaves 0xb/0x1f EDX), as a guest enumerating CPUs expects."""
+CPUID1_ECX_X2APIC = 1 << 21
+CPUID1_ECX_TSC_DEADLINE = 1 << 24
+CPUID1_EDX_APIC = 1 << 9
+MSR_IA32_APIC_BASE = 0x1B
+
+
+def cpuid_for_vcpu(supported: Any, index: int, *, irqchip: bool = True, tsc_deadline: bool = False) -> Any:
+    """A copy of KVM's supported CPUID for vCPU ``index``: its APIC id filled in (leaf 1
+    EBX bits 31:24, leaves 0xb/0x1f EDX), as a guest enumerating CPUs expects. With the
+    in-kernel irqchip, x2APIC as KVM offers it and TSC-deadline where KVM_CAP_TSC_DEADLINE_TIMER
+    says so (KVM reports that one as a capability, not in its CPUID); without one, no local
+    APIC at all, so a guest does not poll registers nobody implements."""
     n = supported.nent
     cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
     ffi.memmove(cpuid.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
@@ -43,25 +54,76 @@ def cpuid_for_vcpu(supported: Any, index: int) -> Any:
         e = cpuid.entries[i]
         if e.function == 1:
             e.ebx = (e.ebx & 0x00FFFFFF) | ((index & 0xFF) << 24)
+            if not irqchip:
+                e.ecx &= ~(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE)
+                e.edx &= ~CPUID1_EDX_APIC
+            elif tsc_deadline:
+                e.ecx |= CPUID1_ECX_TSC_DEADLINE
         elif e.function in (0xB, 0x1F):
             e.edx = index
     return cpuid
 
 
 class KvmVcpuRunner:
-    """A KVM vCPU driven by the machine's run loop."""
+    """A KVM vCPU driven by the machine's run loop.
 
-    __slots__ = ("index", "vcpu", "counts", "_fast")
+    With the in-kernel irqchip an application processor (index > 0) starts the way a PC's
+    does: its local APIC holds it in KVM_RUN until INIT/SIPI (``park()`` leaves it so);
+    ``set_state()`` makes it runnable at once, the project's own contract. HLT then never
+    exits to userspace, so the machine asks each vCPU, through :meth:`request_probe`, for
+    its MP state and RFLAGS to tell a vCPU that waits for an interrupt from one that can
+    never run again (:mod:`vmm.backends.kvm_idle`).
+    """
 
-    def __init__(self, vcpu: Vcpu, cpuid: Any) -> None:
+    __slots__ = ("index", "vcpu", "counts", "_fast", "_irqchip", "_parked", "_probe", "_probe_done", "probe_result")
+
+    def __init__(self, vcpu: Vcpu, cpuid: Any, *, irqchip: bool = False) -> None:
         self.index = vcpu.index
         self.vcpu = vcpu
         self.counts = ExitCounts()
         self._fast: dict[int, Callable[[], None]] = {}
+        self._irqchip = irqchip
+        self._parked = False
+        self._probe = False
+        self._probe_done = threading.Event()
+        self.probe_result: tuple[int, int] | None = None  # (mp_state, rflags) at the last probe
         vcpu.set_cpuid2(cpuid)
+        if not irqchip:
+            # KVM derives CPUID.1:EDX.APIC from IA32_APIC_BASE's enable bit (set at reset
+            # even without a local APIC): disable it, so the guest sees no APIC at all.
+            vcpu.set_msrs({MSR_IA32_APIC_BASE: 0})
 
     def set_state(self, state: CpuState) -> None:
         apply_state(self.vcpu, state)
+        self._parked = False
+        if self._irqchip and self.index != 0:
+            # The in-kernel LAPIC starts an AP in UNINITIALIZED (waiting for SIPI).
+            self.vcpu.set_mp_state(MpState.RUNNABLE)
+
+    def park(self) -> None:
+        """Leave this vCPU waiting for INIT/SIPI from another vCPU's local APIC, as a PC's
+        application processors start. Without the in-kernel irqchip nothing can start it:
+        its loop then ends at once as "never started"."""
+        self._parked = True
+
+    def request_probe(self) -> None:
+        """From another thread: make the vCPU's loop record (mp_state, rflags) in
+        ``probe_result`` at its next pass through userspace (a kick forces one)."""
+        self._probe_done.clear()
+        self._probe = True
+        self.vcpu.kick()
+
+    def wait_probe(self, timeout: float) -> tuple[int, int] | None:
+        """The answer to the last :meth:`request_probe`, or None if none came in time."""
+        return self.probe_result if self._probe_done.wait(timeout) else None
+
+    def _answer_probe(self) -> None:
+        self._probe = False
+        try:
+            self.probe_result = (self.vcpu.get_mp_state(), int(self.vcpu.get_regs().rflags))
+        except KvmError:
+            self.probe_result = None
+        self._probe_done.set()
 
     def regs(self) -> dict[str, int]:
         return read_regs(self.vcpu)
@@ -73,6 +135,8 @@ class KvmVcpuRunner:
         self.vcpu.close()
 
     def run_loop(self, bus: Bus, stop: StopFlag) -> VcpuOutcome:
+        if self._parked and not self._irqchip:
+            return NEVER_STARTED
         vcpu = self.vcpu
         vcpu.bind_thread()
         try:
@@ -111,6 +175,8 @@ class KvmVcpuRunner:
                         n_intr += 1
                         if stop.requested:
                             return STOPPED
+                        if self._probe:
+                            self._answer_probe()
                         continue
                     return self._failed_run(-code)
                 if code & abi.FAST_IO:
@@ -178,7 +244,7 @@ class KvmVcpuRunner:
 
     def _failed_run(self, err: int) -> VcpuOutcome:
         run = self.vcpu.run_struct
-        if err in (errno.EFAULT, errno.EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
+        if err in (errno.EFAULT, abi.EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
             mf = run.memory_fault
             return VcpuOutcome("crashed", ex.MemoryFault(mf.flags, mf.gpa, mf.size).describe(), self._rip())
         return VcpuOutcome("crashed", str(KvmError(err, "KVM_RUN", self.vcpu.name)), self._rip())
@@ -196,24 +262,51 @@ class KvmVcpuRunner:
 
 
 class KvmBackend:
-    """KVM: a VM with memslots; vCPUs run in the kernel."""
+    """KVM: a VM with memslots; vCPUs run in the kernel.
+
+    ``irqchip=True`` (the default, as on a PC) creates the in-kernel interrupt controllers
+    before any vCPU: KVM_CREATE_IRQCHIP (PIC, IOAPIC at 0xfec00000, a local APIC at
+    0xfee00000 per vCPU, and KVM's default GSI routing) and KVM_CREATE_PIT2 with the dummy
+    speaker port, so port 0x61 and the PIT's channel 2 answer from the kernel as Linux's
+    calibration expects. ``irqchip=False`` is a bare machine: no APIC in CPUID, HLT exits.
+    """
 
     name = "kvm"
 
-    def __init__(self, kvm: Kvm | None = None) -> None:
+    def __init__(self, kvm: Kvm | None = None, *, irqchip: bool = True) -> None:
         self.kvm = kvm or Kvm()
         self._owns_kvm = kvm is None
+        self.irqchip = irqchip
         try:
             self.vm: Vm = self.kvm.create_vm()
             # Three pages KVM needs for real mode on VMX hosts; inside the MMIO hole.
             self.vm.set_tss_addr()
+            if irqchip:
+                self._create_irqchip()
             self._supported_cpuid = self.kvm.get_supported_cpuid()
+            self._tsc_deadline = bool(irqchip and self.vm.check_extension(Cap.TSC_DEADLINE_TIMER))
             self.max_vcpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS) or 4
         except BaseException:
             self.close()
             raise
         self._runners: list[KvmVcpuRunner] = []
         ensure_kick_handler()
+
+    def _create_irqchip(self) -> None:
+        for cap in (Cap.IRQCHIP, Cap.PIT2):
+            if not self.vm.check_extension(cap):
+                raise Unavailable(
+                    f"this KVM lacks KVM_CAP_{cap.name}, needed for the PC's interrupt controllers "
+                    "(run with --irqchip off for a bare machine)",
+                    cap.name,
+                )
+        self.vm.create_irqchip()
+        self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+
+    def idle_watch(self, runners: list[KvmVcpuRunner]) -> IdleWatch | None:
+        """With the in-kernel irqchip HLT does not exit: a watch that tells when every vCPU
+        has halted for good. None without it (HLT exits, and ends the loop, by itself)."""
+        return IdleWatch(runners) if self.irqchip else None
 
     @property
     def memory(self) -> GuestMemory:
@@ -225,7 +318,8 @@ class KvmBackend:
     def create_vcpu(self, index: int) -> KvmVcpuRunner:
         if index >= self.max_vcpus:
             raise ConfigError(f"this KVM supports at most {self.max_vcpus} vCPUs")
-        runner = KvmVcpuRunner(self.vm.create_vcpu(index), cpuid_for_vcpu(self._supported_cpuid, index))
+        cpuid = cpuid_for_vcpu(self._supported_cpuid, index, irqchip=self.irqchip, tsc_deadline=self._tsc_deadline)
+        runner = KvmVcpuRunner(self.vm.create_vcpu(index), cpuid, irqchip=self.irqchip)
         self._runners.append(runner)
         return runner
 

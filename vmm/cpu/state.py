@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from vmm.cpu.layout import (
     CR0_ET,
@@ -168,6 +170,31 @@ def boot_state(mode: CpuMode, entry: int, vcpu: int, boot_info: int = BootLayout
 
 # A 32-bit TSS descriptor (type 0xB: busy 32-bit TSS) for protected mode.
 TSS_32 = replace(TSS, type=0xB)
+# What a PC-convention image finds in TR: nothing it may rely on, but a busy TSS so VM
+# entry accepts it (Multiboot leaves TR undefined for the OS).
+TSS_NONE = Segment(selector=0, base=0, limit=0x67, type=0xB, s=0)
+
+
+class _EntryPlan(Protocol):
+    mode: CpuMode
+    entry: int
+    regs: Mapping[str, int]
+    gdt: int | None
+
+
+def pc_boot_state(plan: _EntryPlan) -> CpuState:
+    """The BSP's state at the entry of a PC-convention image (a loader's plan with its own
+    ``regs`` and ``gdt``): Multiboot's 32-bit flat protected mode with paging off, the
+    plan's registers (EAX, EBX) and everything else zero, the GDT where the plan put one."""
+    regs = {"rflags": RFLAGS_FIXED, **plan.regs, "rip": plan.entry}
+    if plan.mode is CpuMode.PROTECTED:
+        if plan.entry >= 1 << 32:
+            raise InputError(f"32-bit entry {plan.entry:#x} is above 4 GiB")
+        gdt = (plan.gdt, BootLayout.GDT_LIMIT) if plan.gdt is not None else (0, 0xFFFF)
+        flat = (CODE32, DATA, DATA, DATA, DATA, DATA)
+        return CpuState(plan.mode, regs, *flat, TSS_NONE, gdt=gdt, cr0=CR0_PE | CR0_ET | CR0_NE)
+    state = boot_state(plan.mode, plan.entry, 0)
+    return replace(state, regs={**state.regs, **plan.regs, "rip": state.regs["rip"]})
 
 
 def _tss_descriptor(base: int, limit: int) -> bytes:
@@ -181,10 +208,10 @@ def mapped_size(ram_top: int) -> int:
     return max(4 * GiB, (ram_top + GiB - 1) // GiB * GiB)
 
 
-def write_system_tables(mem: GuestMemory, mode: CpuMode) -> None:
-    """Write the GDT, the TSS and (64-bit modes) the identity page tables into guest RAM."""
-    if mode is CpuMode.REAL:
-        return
+def gdt_table(tss_base: int = BootLayout.TSS, tss_limit: int = BootLayout.TSS_LIMIT) -> bytes:
+    """The VMM's flat GDT (``BootLayout.GDT_LIMIT + 1`` bytes): null, 64-bit code 0x08, data
+    0x10, 32-bit code 0x18, ring-3 data 0x23, ring-3 64-bit code 0x2b, and a TSS descriptor
+    at 0x30. Loaders that place their own structures (Multiboot) write it where they like."""
     gdt = [
         0,
         CODE64.descriptor(),
@@ -193,8 +220,14 @@ def write_system_tables(mem: GuestMemory, mode: CpuMode) -> None:
         USER_DATA.descriptor(),
         USER_CODE64.descriptor(),
     ]
-    table = b"".join(struct.pack("<Q", d) for d in gdt) + _tss_descriptor(BootLayout.TSS, BootLayout.TSS_LIMIT)
-    mem.write(BootLayout.GDT, table)
+    return b"".join(struct.pack("<Q", d) for d in gdt) + _tss_descriptor(tss_base, tss_limit)
+
+
+def write_system_tables(mem: GuestMemory, mode: CpuMode) -> None:
+    """Write the GDT, the TSS and (64-bit modes) the identity page tables into guest RAM."""
+    if mode is CpuMode.REAL:
+        return
+    mem.write(BootLayout.GDT, gdt_table())
     # TSS: RSP0 (where ring 0 handlers would stack) = the top of vCPU 0's stack area;
     # I/O bitmap at TSS_IOPB_OFFSET, all zero bits (every port allowed), then 0xff.
     tss = bytearray(BootLayout.TSS_LIMIT + 1)

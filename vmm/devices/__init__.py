@@ -6,9 +6,24 @@ on memoryviews, side effects through injected callables, no module-level state.
 """
 
 from vmm.devices.bus import Bus
+from vmm.devices.cmos import Cmos
 from vmm.devices.exit_port import ExitPort
+from vmm.devices.fw_cfg import FwCfg
+from vmm.devices.i8042 import I8042
 from vmm.devices.marker import Marker
 from vmm.devices.post import PostCode
 from vmm.devices.serial import Serial16550
+from vmm.devices.sysctl import SystemControlA, SystemControlB
 
-__all__ = ["Bus", "ExitPort", "Marker", "PostCode", "Serial16550"]
+__all__ = [
+    "I8042",
+    "Bus",
+    "Cmos",
+    "ExitPort",
+    "FwCfg",
+    "Marker",
+    "PostCode",
+    "Serial16550",
+    "SystemControlA",
+    "SystemControlB",
+]

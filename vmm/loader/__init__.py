@@ -9,9 +9,10 @@ writes it. Loaders touch no vCPU: the plan says where to start and in which mode
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.errors import InputError
@@ -29,13 +30,23 @@ class Segment:
 
 @dataclass(frozen=True)
 class ImagePlan:
-    """Where the image goes and how it wants to start."""
+    """Where the image goes and how it wants to start.
+
+    ``pc`` marks an image that follows PC conventions (Multiboot, Linux): only vCPU 0
+    starts at ``entry`` and the others wait for INIT/SIPI; the plan's ``segments`` hold
+    everything the VMM writes (image, modules, boot information, a GDT at ``gdt``), so the
+    VMM's fixed layout and boot info block are not used. ``regs`` are entry registers on
+    top of the mode's defaults (Multiboot: EAX, EBX).
+    """
 
     path: str
-    format: str  # "elf32", "elf64", "flat"
+    format: str  # "elf32", "elf64", "flat", "multiboot-elf", "multiboot-aout"
     entry: int
     mode: CpuMode
     segments: tuple[Segment, ...]
+    pc: bool = False
+    regs: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    gdt: int | None = None
 
     @property
     def start(self) -> int:
@@ -56,19 +67,55 @@ class ImagePlan:
         return self
 
 
-def read_image(path: str | Path) -> bytes:
-    """The image's bytes; InputError for a missing, unreadable, or empty file."""
+def read_image(path: str | Path, *, max_size: int = BootLayout.MAX_RAM) -> bytes:
+    """The image's bytes, never more than ``max_size`` (callers pass the guest RAM the
+    image goes into; the default is the most RAM this VMM gives a guest).
+
+    One-line InputError for a missing, unreadable, empty or too large file, and for
+    anything that is not a regular file: a FIFO would block past any ``--timeout`` and a
+    device such as /dev/zero never ends. The path is stat()ed before it is opened (opening
+    some devices has effects), opened with O_NONBLOCK, and what was opened is fstat()ed
+    again before a byte is read, so no read blocks or runs unbounded.
+    """
+    import os  # local: the module's imports are shared with plan_image's editors
+    import stat
+
     p = Path(path)
+
+    def refuse_unless_regular(mode: int) -> None:
+        if stat.S_ISREG(mode):
+            return
+        kinds = (
+            (stat.S_ISDIR, "a directory"),
+            (stat.S_ISFIFO, "a FIFO"),
+            (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"),
+        )
+        kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+        raise InputError(f"{p}: is {kind}, not an image")
+
     try:
-        data = p.read_bytes()
+        refuse_unless_regular(os.stat(p).st_mode)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, not an image") from None
     except PermissionError:
         raise InputError(f"{p}: permission denied") from None
     except OSError as e:
         raise InputError(f"{p}: cannot read: {e.strerror}") from None
+    with open(fd, "rb") as f:  # closes fd
+        st = os.fstat(fd)
+        refuse_unless_regular(st.st_mode)  # the path may have been replaced since the stat
+        if st.st_size > max_size:
+            raise InputError(f"{p}: {st.st_size:,} bytes do not fit in guest RAM ({max_size:,} bytes); give more --mem")
+        try:
+            # One byte beyond the size fstat gave tells a file that grows while it is read.
+            data = f.read(st.st_size + 1)
+        except OSError as e:
+            raise InputError(f"{p}: cannot read: {e.strerror}") from None
+    if len(data) > st.st_size:
+        raise InputError(f"{p}: the file changed while it was read")
     if not data:
         raise InputError(f"{p}: empty image")
     return data
@@ -97,19 +144,40 @@ def plan_image(
     mode: CpuMode | None = None,
     load_addr: int | None = None,
     entry: int | None = None,
+    cmdline: str = "",
+    modules: Sequence[tuple[str, str | None]] = (),
 ) -> ImagePlan:
-    """Read and check ``path`` for guest RAM ``ram`` ((base, size) ranges). ``mode``
-    overrides the image's own choice (ELF class, or a ``VMM`` note); ``load_addr``
-    applies to flat binaries; ``entry`` overrides the entry point."""
+    """Read and check ``path`` for guest RAM ``ram`` ((base, size) ranges).
+
+    A Multiboot header in the first 8 KiB makes it a Multiboot kernel (PC conventions:
+    ``cmdline`` and ``modules`` ((path, string or None for the path)) go to its info
+    block). Otherwise ``mode`` overrides the image's own choice (ELF class, or a ``VMM``
+    note), ``load_addr`` applies to flat binaries, ``entry`` overrides the entry point."""
     from vmm.loader.elf import ELF_MAGIC, plan_elf
     from vmm.loader.flat import plan_flat
+    from vmm.loader.multiboot import find_header, plan_multiboot
 
-    data = read_image(path)
+    name = str(path)
+    limit = sum(size for _, size in ram)
+    data = read_image(path, max_size=limit)
+    header = find_header(data, path=name)
+    if header is not None:
+        for option, value in (("--mode", mode), ("--load-addr", load_addr)):
+            if value is not None:
+                raise InputError(f"{name}: {option} does not apply to a Multiboot kernel, which places itself")
+        loaded = [
+            (mpath, read_image(mpath, max_size=limit), mpath if text is None else text) for mpath, text in modules
+        ]
+        plan = plan_multiboot(name, data, header, ram, cmdline=cmdline, modules=loaded)
+        return plan if entry is None else replace(plan, entry=entry)
+    for option, given in (("--append", bool(cmdline)), ("--module", bool(modules))):
+        if given:
+            raise InputError(f"{name}: {option} is for Multiboot kernels, and this image has no Multiboot header")
     if data[:4] == ELF_MAGIC:
         if load_addr is not None:
             raise InputError(f"{path}: --load-addr is for flat binaries; an ELF image places itself")
-        return plan_elf(str(path), data, ram, mode=mode, entry=entry)
-    return plan_flat(str(path), data, ram, mode=mode, load_addr=load_addr, entry=entry)
+        return plan_elf(name, data, ram, mode=mode, entry=entry)
+    return plan_flat(name, data, ram, mode=mode, load_addr=load_addr, entry=entry)
 
 
 def load_image(

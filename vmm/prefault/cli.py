@@ -20,6 +20,7 @@ from vmm.config import BACKENDS, MachineConfig, parse_size
 from vmm.errors import InputError, VmmError
 from vmm.memory import DEFAULT_BACKING, Backing
 from vmm.prefault import STRATEGIES, parse_strategy
+from vmm.result import STATUS_INTERRUPTED
 
 MARK_PASS_START = 0x1000
 MARK_PASS_END = 0x2000
@@ -99,6 +100,9 @@ def measure(
         timeout=timeout,
     )
     result = Machine(config, progress=progress).run()
+    if result.status == STATUS_INTERRUPTED:
+        # Ctrl-C ended the run: the command's own status (130), not a failed measurement.
+        raise KeyboardInterrupt
     if result.exit_value != 0:
         raise VmmError(f"memtouch did not finish under --prefault {strategy}: {result.reason}")
     passes = pass_seconds(result.marks)

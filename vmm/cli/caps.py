@@ -1,0 +1,23 @@
+"""``vmm caps``: what this host's KVM offers, by capability name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vmm.cli import streams
+
+
+def add_parser(sub: Any) -> None:
+    caps = sub.add_parser("caps", help="what this host's KVM offers", description="Report the host's KVM capabilities.")
+    caps.add_argument("--json", action="store_true", help="one JSON object (capability names without KVM_CAP_)")
+    caps.set_defaults(handler=cmd_caps)
+
+
+def cmd_caps(ns: argparse.Namespace) -> int:
+    from vmm.caps import caps_report, format_caps
+
+    report = caps_report()
+    streams.write_text((json.dumps(report) if ns.json else format_caps(report)) + "\n")
+    return 0

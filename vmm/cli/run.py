@@ -1,0 +1,185 @@
+"""``vmm run IMAGE``: build a Machine from the options, run it, print, exit with its status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vmm.cli import streams
+from vmm.config import BACKENDS, DEFAULT_TIMEOUT, MachineConfig
+from vmm.memory import DEFAULT_BACKING, Backing
+
+STATUS_EPILOG = """\
+exit status of `vmm run` (QEMU-compatible: odd = the guest spoke, even = the VMM did):
+  (v << 1) | 1  the guest wrote v to the exit port 0xf4
+  0             every vCPU halted, or the guest reset the machine (i8042 0xfe, port 0x92)
+  2             bad input or configuration (one line on stderr says what)
+  4             the guest crashed (triple fault, internal error): vCPU and RIP reported
+  124           --timeout reached
+  130           interrupted (Ctrl-C)
+  141           stdout was closed by its reader (a pipe into head)
+"""
+
+
+def _arg(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--arg {text!r} is not KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def _module(text: str) -> tuple[str, str | None]:
+    path, sep, string = text.partition("=")
+    if not path:
+        raise argparse.ArgumentTypeError(f"--module {text!r}: give FILE or FILE=STRING")
+    return path, string if sep else None
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"use on or off, not {text!r}")
+    return text == "on"
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """The options of ``vmm run`` (also what ``vmm qemu`` maps onto)."""
+    run.add_argument("image", help="guest image: Multiboot kernel, ELF32/ELF64 executable or flat binary")
+    run.add_argument(
+        "--mem", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M, 1G (bare number: MiB; default 64M)"
+    )
+    run.add_argument("--vcpus", default="1", metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--mode", metavar="MODE", help="CPU mode: real, protected, long, user (default: the image's)")
+    run.add_argument(
+        "--load-addr", metavar="ADDR", help="flat binaries: where to load (default 0x7c00 real mode, else 0x100000)"
+    )
+    run.add_argument("--entry", metavar="ADDR", help="start here instead of the image's entry point")
+    run.add_argument(
+        "--arg", type=_arg, action="append", default=[], metavar="KEY=VALUE", help="boot argument (repeatable)"
+    )
+    run.add_argument("--append", default="", metavar="TEXT", help="Multiboot: the kernel command line")
+    run.add_argument(
+        "--module",
+        type=_module,
+        action="append",
+        default=[],
+        metavar="FILE[=STRING]",
+        help="Multiboot: a module and its string (default: the file name); repeatable",
+    )
+    run.add_argument(
+        "--fw-cfg",
+        action="append",
+        default=[],
+        metavar="name=NAME,file=PATH|string=TEXT",
+        help="a fw_cfg file for the guest, QEMU's -fw_cfg syntax; repeatable",
+    )
+    run.add_argument(
+        "--irqchip",
+        type=_on_off,
+        default=True,
+        metavar="on|off",
+        help="KVM: the PC's interrupt controllers and PIT in the kernel (default on)",
+    )
+    run.add_argument(
+        "--timeout",
+        default=str(DEFAULT_TIMEOUT),
+        metavar="SECONDS",
+        help=f"stop the guest after this long (default {DEFAULT_TIMEOUT:g}; 0 = never)",
+    )
+    run.add_argument("--strict", action="store_true", help="an access to a port or address no device claims is fatal")
+    run.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="where vCPUs run (default auto: KVM if usable)"
+    )
+    run.add_argument(
+        "--memory",
+        choices=[b.value for b in Backing],
+        default=DEFAULT_BACKING.value,
+        help=f"guest RAM backing (default {DEFAULT_BACKING.value})",
+    )
+    run.add_argument(
+        "--prefault",
+        metavar="STRATEGY",
+        nargs="?",
+        const="auto",
+        help="populate guest RAM before boot: auto (default if no value), kernel, map-memory, emulated, host, none",
+    )
+    run.add_argument("--threads", metavar="N", help="threads for --prefault (default: one per host CPU)")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of the console")
+    run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging and registers on a crash")
+
+
+def add_parser(sub: Any) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run a guest image",
+        description="Run a guest image; its serial console goes to stdout.",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_options(run)
+    run.set_defaults(handler=cmd_run)
+
+
+def config_from(ns: argparse.Namespace) -> MachineConfig:
+    """The MachineConfig the parsed options describe (validated: InputError if not)."""
+    from vmm.config import parse_count
+
+    threads = None if ns.threads is None else parse_count(ns.threads, "--threads", 1, 4096)
+    return MachineConfig(
+        image=ns.image,
+        mem=ns.mem,
+        vcpus=ns.vcpus,
+        mode=ns.mode,
+        load_addr=ns.load_addr,
+        entry=ns.entry,
+        args=dict(ns.arg),
+        timeout=ns.timeout,
+        strict=ns.strict,
+        backend=ns.backend,
+        memory=ns.memory,
+        prefault=ns.prefault,
+        prefault_threads=threads,
+        irqchip=ns.irqchip,
+        append=ns.append,
+        modules=tuple(ns.module),
+        fw_cfg=tuple(ns.fw_cfg),
+    )
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    config = config_from(ns)
+    from vmm.machine import STATUS_BROKEN_PIPE, Machine
+
+    console = None
+    if not ns.json:
+        console = streams.stdout_binary()
+        if console is None:
+            streams.notice("stdout is closed: the guest's console is not shown")
+    machine = Machine(config, console=console, notice=streams.notice, progress=not ns.json and _stderr_is_tty())
+    result = machine.run()
+    if result.status == STATUS_BROKEN_PIPE:
+        return result.status  # quietly, as the shell's convention for a closed pipe
+    if ns.json:
+        streams.write_text(json.dumps(result.to_json()) + "\n")
+        return result.status
+    if result.console_error:
+        streams.notice(result.console_error)
+    if result.prefault is not None and not ns.quiet:
+        streams.notice(f"prefault: {result.prefault.summary()}")
+    if result.crash is not None:
+        streams.notice(result.reason)
+        if ns.verbose and result.crash.regs:
+            streams.notice("registers: " + " ".join(f"{k}={v:#x}" for k, v in result.crash.regs.items()))
+    elif not ns.quiet:
+        streams.notice(result.summary())
+    return result.status
+
+
+def _stderr_is_tty() -> bool:
+    import sys
+
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (OSError, ValueError):
+        return False

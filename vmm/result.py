@@ -1,0 +1,170 @@
+"""What a run produced (:class:`RunResult`), the exit statuses (DESIGN.md), and the
+console buffer a guest fills (bounded)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+STATUS_HALTED = 0
+STATUS_RESET = 0  # as QEMU with -no-reboot: a guest reset ends the run like a power-off
+STATUS_BAD_INPUT = 2
+STATUS_CRASHED = 4
+STATUS_TIMEOUT = 124
+STATUS_INTERRUPTED = 130
+STATUS_BROKEN_PIPE = 141
+CONSOLE_LIMIT = 16 << 20  # bytes of console kept in memory; the stream still gets them all
+
+
+def exit_status_for_value(value: int) -> int:
+    """The process exit status for a value written to the exit port: (v << 1) | 1, as an
+    8-bit status (QEMU's isa-debug-exit convention)."""
+    return ((value << 1) | 1) & 0xFF
+
+
+@dataclass
+class Crash:
+    """Where and how a vCPU crashed."""
+
+    vcpu: int
+    detail: str
+    rip: int | None
+    triple_fault: bool = False
+    regs: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = f" at rip {self.rip:#x}" if self.rip is not None else ""
+        return f"vCPU {self.vcpu}: {self.detail}{where}"
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``status`` is the process exit status (DESIGN.md)."""
+
+    status: int
+    reason: str
+    console: bytes
+    vcpus: int
+    exits: list[dict[str, int]]
+    seconds: float
+    backend: str
+    exit_value: int | None = None
+    crash: Crash | None = None
+    marks: list[tuple[int, int, int]] = field(default_factory=list)
+    prefault: Any = None
+    image: str = ""
+    mode: str = ""
+    console_dropped: int = 0
+    marks_dropped: int = 0
+    console_error: str | None = None
+
+    @property
+    def total_exits(self) -> int:
+        return sum(sum(v for k, v in e.items() if k != "interrupted") for e in self.exits)
+
+    def summary(self) -> str:
+        """One line for a terminal."""
+        n = self.vcpus
+        line = (
+            f"{self.reason} (status {self.status}) after {self.seconds:.3f} s on {self.backend}, "
+            f"{n} vCPU{'s' if n != 1 else ''}, {self.total_exits} exits"
+        )
+        if self.console_dropped:
+            line += f"; {self.console_dropped} console bytes beyond {CONSOLE_LIMIT >> 20} MiB not kept"
+        if self.marks_dropped:
+            line += f"; {self.marks_dropped} marks dropped"
+        return line
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``vmm run --json`` object."""
+        out: dict[str, Any] = {
+            "status": self.status,
+            "reason": self.reason,
+            "console": self.console.decode("utf-8", errors="replace"),
+            "console_dropped": self.console_dropped,
+            "vcpus": self.vcpus,
+            "exits": self.exits,
+            "seconds": round(self.seconds, 6),
+            "backend": self.backend,
+            "exit_value": self.exit_value,
+            "image": self.image,
+            "mode": self.mode,
+            "marks": [{"ns": ns, "vcpu": cpu, "value": value} for ns, cpu, value in self.marks],
+            "marks_dropped": self.marks_dropped,
+        }
+        if self.crash is not None:
+            out["crash"] = {
+                "vcpu": self.crash.vcpu,
+                "detail": self.crash.detail,
+                "rip": self.crash.rip,
+                "triple_fault": self.crash.triple_fault,
+                "regs": self.crash.regs,
+            }
+        if self.prefault is not None:
+            out["prefault"] = self.prefault.to_json()
+        return out
+
+
+class Console:
+    """Collects serial output (at most ``limit`` bytes kept; the rest counted in
+    ``dropped``) and streams it live to ``stream``. A stream that fails stops being
+    written: ``on_broken()`` is called for EPIPE (its reader went away), and any other
+    error is kept in ``error`` for the caller to report; the guest never sees either."""
+
+    def __init__(
+        self,
+        stream: IO[bytes] | None = None,
+        *,
+        limit: int = CONSOLE_LIMIT,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
+        self._buf = bytearray()
+        self._stream = stream
+        self._limit = limit
+        self._on_broken = on_broken
+        self._lock = threading.Lock()
+        self.dropped = 0
+        self.broken = False
+        self.error: str | None = None
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            room = self._limit - len(self._buf)
+            if room >= len(data):
+                self._buf += data
+            else:
+                self._buf += data[: max(room, 0)]
+                self.dropped += len(data) - max(room, 0)
+            if self._stream is not None:
+                try:
+                    self._stream.write(data)
+                    if data.endswith(b"\n"):
+                        self._stream.flush()
+                except (OSError, ValueError) as e:
+                    self._failed(e)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._stream is not None:
+                try:
+                    self._stream.flush()
+                except (OSError, ValueError) as e:
+                    self._failed(e)
+
+    def _failed(self, e: BaseException) -> None:
+        self._stream = None
+        if isinstance(e, OSError) and e.errno == errno.EPIPE:
+            self.broken = True
+            if self._on_broken is not None:
+                self._on_broken()
+        else:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self.error = f"cannot write the guest's console to its stream: {reason}"
+
+    @property
+    def data(self) -> bytes:
+        with self._lock:
+            return bytes(self._buf)
