@@ -4,8 +4,12 @@ traceback, a hang, or an unbounded read. No KVM needed."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +21,7 @@ from vmm.errors import InputError
 from vmm.loader import peek_mode, read_image
 from vmm.loader.elf import plan_elf
 
+ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 RAM = [(0, 64 * MiB)]
 CODE = bytes.fromhex("b000e6f4f4")  # mov al,0; out 0xf4,al; hlt
@@ -152,9 +157,44 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     assert str(outcome[0]) == f"{fifo}: is a FIFO, not an image"
 
 
+def read_image_in_a_bounded_child(path: str | Path, max_size: int | None = None) -> str:
+    """read_image(path) in a child process whose address space is capped at 2 GiB, so a
+    read_image that reads without bound dies there (MemoryError) instead of driving the
+    host out of memory. Returns what it raised (``InputError: ...``), or ``read N bytes``."""
+    kwargs = "" if max_size is None else f", max_size={max_size}"
+    code = textwrap.dedent(
+        f"""
+        from vmm.loader import read_image
+        try:
+            print(f"read {{len(read_image({str(path)!r}{kwargs}))}} bytes")
+        except Exception as e:
+            print(f"{{type(e).__name__}}: {{e}}")
+        """
+    )
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (BOUNDED_CHILD_BYTES, BOUNDED_CHILD_BYTES))
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        preexec_fn=cap_memory,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+BOUNDED_CHILD_BYTES = 2 << 30
+
+
 def test_a_character_device_is_refused_and_never_read():
-    with pytest.raises(InputError, match=r"^/dev/zero: is a character device, not an image$"):
-        read_image("/dev/zero", max_size=MiB)
+    with pytest.raises(InputError, match=r"^/dev/null: is a character device, not an image$"):
+        read_image("/dev/null")
+    assert read_image_in_a_bounded_child("/dev/zero") == "InputError: /dev/zero: is a character device, not an image"
 
 
 def test_a_socket_is_refused(tmp_path):
@@ -162,25 +202,27 @@ def test_a_socket_is_refused(tmp_path):
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
         with pytest.raises(InputError, match="is a socket, not an image"):
-            read_image(path, max_size=MiB)
+            read_image(path)
 
 
 def test_a_symlink_to_a_device_is_refused(tmp_path):
     link = tmp_path / "img"
     link.symlink_to("/dev/zero")
-    with pytest.raises(InputError, match="is a character device"):
-        read_image(link, max_size=MiB)
+    assert read_image_in_a_bounded_child(link) == f"InputError: {link}: is a character device, not an image"
 
 
 def test_an_image_larger_than_max_size_is_refused_before_reading(tmp_path):
     path = tmp_path / "big.bin"
     with open(path, "wb") as f:
         f.truncate(64 << 30)  # sparse: 64 GiB of nothing on disk, far more than any read could hold
-    with pytest.raises(InputError, match=r"68,719,476,736 bytes do not fit in guest RAM \(1,048,576 bytes\)"):
-        read_image(path, max_size=MiB)
+    assert read_image_in_a_bounded_child(path, max_size=MiB) == (
+        f"InputError: {path}: 68,719,476,736 bytes do not fit in guest RAM (1,048,576 bytes); give more --mem"
+    )
     exact = tmp_path / "exact.bin"
     exact.write_bytes(b"\x90" * MiB)
     assert read_image(exact, max_size=MiB) == b"\x90" * MiB
+    with pytest.raises(InputError, match="do not fit in guest RAM"):
+        read_image(exact, max_size=MiB - 1)
 
 
 def test_an_unreadable_image_is_an_input_error(tmp_path):

@@ -274,6 +274,9 @@ class KvmBackend:
     name = "kvm"
 
     def __init__(self, kvm: Kvm | None = None, *, irqchip: bool = True) -> None:
+        # First: without the kick handler a vCPU in KVM_RUN could never be stopped (and the
+        # signal's default action would kill the process). ConfigError before any fd exists.
+        ensure_kick_handler()
         self.kvm = kvm or Kvm()
         self._owns_kvm = kvm is None
         self.irqchip = irqchip
@@ -290,7 +293,6 @@ class KvmBackend:
             self.close()
             raise
         self._runners: list[KvmVcpuRunner] = []
-        ensure_kick_handler()
 
     def _create_irqchip(self) -> None:
         for cap in (Cap.IRQCHIP, Cap.PIT2):
