@@ -40,6 +40,8 @@ test-emulator: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvm_abi vmm tests bench lab
 	$(VENV)/bin/ruff format --check kvm_abi vmm tests bench lab
+	$(VENV)/bin/mypy --ignore-missing-imports vmm kvm_abi
+	$(VENV)/bin/mypy --strict --ignore-missing-imports kvm_abi
 
 # --- guests: sources in guests/, images committed (rebuilt byte-identical) ----------------
 guests: $(GUEST_IMAGES)

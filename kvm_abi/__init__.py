@@ -56,10 +56,10 @@ else:
     _ULONG = ffi.typeof("unsigned long")
 
     def _ioctl_ptr(fd: int, request: int, arg: Any) -> int:
-        return _raw_ioctl(fd, ffi.cast(_ULONG, request), arg)
+        return int(_raw_ioctl(fd, ffi.cast(_ULONG, request), arg))
 
     def _ioctl_int(fd: int, request: int, arg: int) -> int:
-        return _raw_ioctl(fd, ffi.cast(_ULONG, request), ffi.cast(_ULONG, arg))
+        return int(_raw_ioctl(fd, ffi.cast(_ULONG, request), ffi.cast(_ULONG, arg)))
 
 
 def ioctl(fd: int, op: Ioctl, arg: Any = 0, *, target: str = "", detail: str = "") -> int:
@@ -69,7 +69,7 @@ def ioctl(fd: int, op: Ioctl, arg: Any = 0, *, target: str = "", detail: str = "
     cdata pointer the kernel reads and/or writes in place. Returns the non-negative
     result; raises :class:`KvmError` carrying errno, ``op.name``, ``target`` and ``detail``.
     """
-    rc = _ioctl_int(fd, op.number, arg) if isinstance(arg, int) else _ioctl_ptr(fd, op.number, arg)
+    rc: int = _ioctl_int(fd, op.number, arg) if isinstance(arg, int) else _ioctl_ptr(fd, op.number, arg)
     if rc < 0:
         raise KvmError(ffi.errno, op.name, target, detail)
     return rc
@@ -96,12 +96,13 @@ else:
         with its data in the PIO page; otherwise the exit reason. No exception, no
         allocation: the compiled module does this in C."""
         if _ioctl_int(fd, _KVM_RUN_NUMBER, 0) < 0:
-            return -ffi.errno
-        reason = run.exit_reason
+            return -int(ffi.errno)
+        reason: int = run.exit_reason
         if reason == _IO_REASON:
             io = run.io
             if io.count == 1 and io.data_offset == PIO_DATA_OFFSET:
-                return FAST_IO | io.direction << 24 | io.size << 16 | io.port
+                code: int = FAST_IO | io.direction << 24 | io.size << 16 | io.port
+                return code
         return reason
 
 
@@ -138,7 +139,7 @@ def libc_mincore(addr: int, length: int) -> bytes:
     vec = ffi.new("unsigned char[]", pages)
     if lib.mincore(ffi.cast("void *", addr), length, vec) < 0:
         raise KvmError(ffi.errno, "mincore", detail=f"addr={addr:#x} length={length:#x}")
-    return ffi.buffer(vec, pages)[:]
+    return bytes(ffi.buffer(vec, pages))
 
 
 def install_kick_handler(signo: int) -> bool:

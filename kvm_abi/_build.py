@@ -7,13 +7,14 @@ everywhere but costs ~1.5 us more per ioctl (see host-kvm.md).
 
 import importlib.util
 import os
+from types import ModuleType
 
 from cffi import FFI
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_cdefs():  # type: ignore[no-untyped-def]
+def _load_cdefs() -> ModuleType:
     # Load _cdefs.py by path: importing the kvm_abi package here would import a stale
     # compiled module while we are rebuilding it.
     spec = importlib.util.spec_from_file_location("_kvm_abi_cdefs", os.path.join(_HERE, "_cdefs.py"))

@@ -20,7 +20,10 @@ COMPILED: bool
 _compiled: Any = None
 if os.environ.get("VMM_CFFI", "") != "abi":
     try:
-        from kvm_abi import _kvm_cffi as _compiled
+        import importlib
+
+        # By name: the compiled module exists only after a build, so type checkers cannot see it.
+        _compiled = importlib.import_module("kvm_abi._kvm_cffi")
     except ImportError:  # not built: an sdist install without a compiler, or a bare checkout
         _compiled = None
 

@@ -292,7 +292,10 @@ class Machine:
         self, seconds: float, timed_out: bool, interrupted: bool, idle: bool, timeout: float | None
     ) -> RunResult:
         assert self.backend is not None and self.image is not None
-        kind, detail = self._end or ("", None)
+        kind: str = ""
+        detail: Any = None
+        if self._end is not None:
+            kind, detail = self._end
         exit_value: int | None = None
         crash: Crash | None = None
         if kind == "crash":

@@ -95,7 +95,10 @@ class Backend(Protocol):
     """Where a machine's vCPUs execute."""
 
     name: str
-    memory: GuestMemory
+
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest RAM, as loaders and devices see it."""
 
     def add_ram(self, gpa: int, size: int, backing: Backing) -> GuestRegion:
         """Allocate guest RAM at ``gpa`` and make the vCPUs see it."""

@@ -24,6 +24,7 @@ guest pays nothing but a file read per vCPU per interval.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from kvm_abi import MpState
@@ -65,7 +66,7 @@ class IdleWatch:
 
     interval = 0.05
 
-    def __init__(self, runners: list[Probeable]) -> None:
+    def __init__(self, runners: Sequence[Probeable]) -> None:
         self._runners = runners
         self._cpu: dict[int, int | None] = {}
 

@@ -150,21 +150,31 @@ def boot_state(mode: CpuMode, entry: int, vcpu: int, boot_info: int = BootLayout
         if entry >= 1 << 32:
             raise InputError(f"32-bit entry {entry:#x} is above 4 GiB")
         return CpuState(mode, regs, CODE32, DATA, DATA, DATA, DATA, DATA, TSS_32, gdt=gdt, cr0=CR0_PE | CR0_ET | CR0_NE)
-    long_mode = {
-        "gdt": gdt,
-        "cr0": CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
-        "cr3": BootLayout.PAGE_TABLES,
-        "cr4": CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
-        "efer": EFER_LME | EFER_LMA,
-    }
+    def long_mode(cs: Segment, data: Segment) -> CpuState:
+        return CpuState(
+            mode,
+            regs,
+            cs,
+            data,
+            data,
+            data,
+            data,
+            data,
+            TSS,
+            gdt=gdt,
+            cr0=CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
+            cr3=BootLayout.PAGE_TABLES,
+            cr4=CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
+            efer=EFER_LME | EFER_LMA,
+        )
+
     if mode is CpuMode.LONG:
-        return CpuState(mode, regs, CODE64, DATA, DATA, DATA, DATA, DATA, TSS, **long_mode)
+        return long_mode(CODE64, DATA)
     if mode is CpuMode.USER:
         # IOPL 3 lets ring-3 code use in/out directly; the TSS's I/O bitmap also allows
         # every port, for hosts that reset IOPL on a trip through ring 0.
         regs["rflags"] = RFLAGS_FIXED | RFLAGS_IOPL3
-        u = USER_DATA
-        return CpuState(mode, regs, USER_CODE64, u, u, u, u, u, TSS, **long_mode)
+        return long_mode(USER_CODE64, USER_DATA)
     raise InputError(f"unknown CPU mode {mode!r}")
 
 
@@ -176,10 +186,16 @@ TSS_NONE = Segment(selector=0, base=0, limit=0x67, type=0xB, s=0)
 
 
 class _EntryPlan(Protocol):
-    mode: CpuMode
-    entry: int
-    regs: Mapping[str, int]
-    gdt: int | None
+    """What :func:`pc_boot_state` reads of a loader's plan (vmm.loader.ImagePlan)."""
+
+    @property
+    def mode(self) -> CpuMode: ...
+    @property
+    def entry(self) -> int: ...
+    @property
+    def regs(self) -> Mapping[str, int]: ...
+    @property
+    def gdt(self) -> int | None: ...
 
 
 def pc_boot_state(plan: _EntryPlan) -> CpuState:

@@ -93,7 +93,7 @@ def split(memory: GuestMemory, ranges: Sequence[tuple[int, int]], threads: int) 
 def run_parallel(
     pieces: Sequence[Piece],
     threads: int,
-    work: Callable[[int, Piece], None],
+    work: Callable[[int, Piece], object],
     progress: Progress,
 ) -> None:
     """Run ``work(worker_index, piece)`` for every piece on ``threads`` workers (worker
@@ -193,7 +193,11 @@ def populate(
     Writable (MADV_POPULATE_WRITE) by default: a page populated for read is the shared
     zero page for anonymous memory, which the guest's first write would replace anyway."""
     pieces = split(memory, ranges, threads)
-    run_parallel(pieces, threads, lambda _i, p: (populate_piece(p, write=write), progress.add(p.size)), progress)
+    def work(_index: int, piece: Piece) -> None:
+        populate_piece(piece, write=write)
+        progress.add(piece.size)
+
+    run_parallel(pieces, threads, work, progress)
     return sum(p.size for p in pieces)
 
 
