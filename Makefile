@@ -11,8 +11,11 @@ LD     ?= ld
 GUESTS64 := hello64 user64 memtouch64 readpages64 pio-loop64 smp64 spin64 ud64 mmio64
 GUESTS32 := hello32
 GUESTS16 := hello16 triple-fault
-GUEST_IMAGES := $(GUESTS64:%=guests/%.elf) $(GUESTS32:%=guests/%.elf) $(GUESTS16:%=guests/%.bin)
+GUESTS_PC := mbinfo smp apic-timer exceptions realmode8000
+GUEST_IMAGES := $(GUESTS64:%=guests/%.elf) $(GUESTS32:%=guests/%.elf) $(GUESTS16:%=guests/%.bin) \
+	$(GUESTS_PC:%=guests/pc/%.elf)
 GUEST_DEPS := guests/include/vmm.inc guests/include/lib64.S
+PC_DEPS := guests/include/pc.inc guests/include/lib32.S
 
 .SECONDARY:
 
@@ -58,6 +61,19 @@ guests/hello32.elf: guests/hello32.S guests/link32.ld $(GUEST_DEPS)
 	$(AS) --32 -I guests/include -o guests/build/hello32.o $<
 	$(LD) -m elf_i386 -T guests/link32.ld -nostdlib --build-id=none -z noexecstack -z max-page-size=0x1000 --no-warn-rwx-segments -o $@ guests/build/hello32.o
 
+# PC-convention guests (guests/pc/, Multiboot v1 ELF32): hello32's as/ld flags, link-mb.ld at 1 MiB.
+# GNU make picks these over guests/%.elf: the stem is shorter.
+guests/pc/%.elf: guests/pc/%.S guests/link-mb.ld $(PC_DEPS)
+	@mkdir -p guests/build/pc
+	$(AS) --32 -I guests/include -o guests/build/pc/$*.o $<
+	$(LD) -m elf_i386 -T guests/link-mb.ld -nostdlib --build-id=none -z noexecstack -z max-page-size=0x1000 --no-warn-rwx-segments -o $@ guests/build/pc/$*.o
+
+# realmode8000 is linked and loaded at 0x8000 (link-mb8000.ld).
+guests/pc/realmode8000.elf: guests/pc/realmode8000.S guests/link-mb8000.ld $(PC_DEPS)
+	@mkdir -p guests/build/pc
+	$(AS) --32 -I guests/include -o guests/build/pc/realmode8000.o $<
+	$(LD) -m elf_i386 -T guests/link-mb8000.ld -nostdlib --build-id=none -z noexecstack -z max-page-size=0x1000 --no-warn-rwx-segments -o $@ guests/build/pc/realmode8000.o
+
 guests/%.bin: guests/%.S $(GUEST_DEPS)
 	@mkdir -p guests/build
 	$(AS) --32 -I guests/include -o guests/build/$*.o16 $<
@@ -68,6 +84,7 @@ bench: $(STAMP)
 	$(VPY) bench/exits.py
 	$(VPY) bench/backends.py
 	$(VPY) bench/prefault.py
+	$(VPY) bench/startup_pc.py
 
 # The kernel path (KVM_PRE_FAULT_MEMORY) in the nested QEMU lab (lab/README.md): builds the
 # lab on first use, runs lab/kernel-tests inside, exits with its status.

@@ -19,6 +19,7 @@ from vmm.errors import VmmError
 
 STATUS_BROKEN_PIPE = 141  # the shell's 128 + SIGPIPE
 STATUS_INTERRUPTED = 130
+STATUS_INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: even, and no guest can produce it
 
 
 class Parser(argparse.ArgumentParser):
@@ -84,3 +85,8 @@ def dispatch(ns: argparse.Namespace) -> int:
         return STATUS_INTERRUPTED
     except streams.BrokenStdout:
         return STATUS_BROKEN_PIPE
+    except Exception as e:  # a bug in the VMM: its own status, never one a guest could give
+        streams.notice(f"internal error in the VMM (a bug; -v shows the traceback): {e!r}")
+        if verbose:
+            logging.getLogger("vmm").error("traceback", exc_info=True)
+        return STATUS_INTERNAL_ERROR

@@ -18,6 +18,7 @@ exit status of `vmm run` (QEMU-compatible: odd = the guest spoke, even = the VMM
   4             the guest crashed (triple fault, internal error): vCPU and RIP reported
   124           --timeout reached
   130           interrupted (Ctrl-C)
+  70            an internal error in the VMM (a bug: please report it; -v shows the traceback)
   141           stdout was closed by its reader (a pipe into head)
 """
 
