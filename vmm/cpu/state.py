@@ -150,6 +150,7 @@ def boot_state(mode: CpuMode, entry: int, vcpu: int, boot_info: int = BootLayout
         if entry >= 1 << 32:
             raise InputError(f"32-bit entry {entry:#x} is above 4 GiB")
         return CpuState(mode, regs, CODE32, DATA, DATA, DATA, DATA, DATA, TSS_32, gdt=gdt, cr0=CR0_PE | CR0_ET | CR0_NE)
+
     def long_mode(cs: Segment, data: Segment) -> CpuState:
         return CpuState(
             mode,

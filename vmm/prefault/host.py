@@ -193,6 +193,7 @@ def populate(
     Writable (MADV_POPULATE_WRITE) by default: a page populated for read is the shared
     zero page for anonymous memory, which the guest's first write would replace anyway."""
     pieces = split(memory, ranges, threads)
+
     def work(_index: int, piece: Piece) -> None:
         populate_piece(piece, write=write)
         progress.add(piece.size)
