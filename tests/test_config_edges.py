@@ -65,3 +65,20 @@ def test_cli_refuses_with_one_line_and_status_2(guest, option, value):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vmm: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_teardown_waits_for_running_vcpus_whatever_raised(guest, vmm_backend, monkeypatch):
+    """An error while vCPU threads run (here: in the wait for the end) must stop and join them
+    before guest RAM and kvm_run are unmapped: the process survives and the error surfaces."""
+    import threading
+
+    def broken_wait(self, threads, started, timeout):
+        assert any(t.is_alive() for t in threads)  # the guest (a spin loop) is running
+        raise RuntimeError("failure while the guest runs")
+
+    monkeypatch.setattr(Machine, "_wait", broken_wait)
+    machine = Machine(MachineConfig(image=guest("spin64.elf"), mem="16M", backend=vmm_backend))
+    with pytest.raises(RuntimeError, match="while the guest runs"):
+        machine.run(timeout=30)
+    assert not [t for t in threading.enumerate() if t.name.startswith("vcpu-")]
+    assert machine.backend is not None and machine.stop.requested
