@@ -28,11 +28,11 @@ from typing import Any
 from _common import REPO, BenchError, environment, median
 
 from kvm_abi import Cap
+from vmm.cli.prefault import Row, measure
 from vmm.config import parse_size
 from vmm.kvm import Kvm
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
 from vmm.prefault import host as host_population
-from vmm.prefault.cli import Row, measure
 from vmm.prefault.progress import Progress
 
 IMAGE = str(REPO / "guests" / "memtouch64.elf")

@@ -23,6 +23,7 @@ from vmm.config import MachineConfig
 from vmm.errors import ConfigError
 from vmm.machine import Machine
 from vmm.memory import Backing, HostMemory
+from vmm.prefault import prefault_vm
 
 pytestmark = [pytest.mark.kvm, pytest.mark.requires_cap("GUEST_MEMFD")]
 
@@ -207,7 +208,7 @@ def test_add_memory_binds_the_host_mapping(vm):
 def test_prefault_populates_guest_memfd_through_its_mapping(vm, strategy):
     vm.add_memory(0, 16 * MiB, "guest-memfd")
     assert vm.memory.resident_bytes() == 0
-    report = vm.prefault(strategy=strategy)
+    report = prefault_vm(vm, strategy=strategy)
     assert report.backing == "guest-memfd"
     assert report.resident_bytes == vm.memory.resident_bytes() == 16 * MiB
 

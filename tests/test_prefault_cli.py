@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from vmm_cli import vmm
 
-from vmm.prefault.cli import Row, format_table, pass_seconds
+from vmm.cli.prefault import Row, format_table, pass_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"strategy", "backing", "populate_seconds", "gib_per_s", "first_pass_seconds", "second_pass_seconds"}
@@ -106,3 +109,21 @@ def test_table_relates_each_strategy_to_no_prefault():
     assert "1.00 GiB guest RAM, thp backing" in text
     auto = next(line for line in text.splitlines() if line.startswith("auto"))
     assert auto.split()[-2:] == ["2.0x", "16.7x"]  # 1st/2nd, and 2.0 s / (0.1 + 0.02) s
+
+
+def shell(command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` in bash from the repository root, ``vmm`` being this interpreter's."""
+    script = f'vmm() {{ {shlex.quote(sys.executable)} -m vmm "$@"; }}; {command}'
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_table_to_a_closed_pipe_is_the_shells_141_quietly():
+    proc = shell("vmm prefault --mem 16M --strategy none | true; echo status=${PIPESTATUS[0]}")
+    assert "status=141" in proc.stdout, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_the_table_to_a_full_disk_is_one_line_not_an_internal_error():
+    proc = shell("vmm prefault --mem 16M --strategy none --json >/dev/full; echo status=$?")
+    assert "status=0" in proc.stdout, proc.stderr  # measured; only the printing failed, and it says so
+    assert proc.stderr == "vmm: cannot write to stdout: No space left on device\n"

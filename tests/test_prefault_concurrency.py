@@ -14,7 +14,7 @@ import pytest
 
 from kvm_abi import MemoryMappingFlag
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
-from vmm.prefault import EmulatedPrefault, kernel
+from vmm.prefault import EmulatedPrefault, HelperVcpus, kernel
 from vmm.prefault.contract import drive_map_memory, drive_pre_fault
 
 PAGE = 4096
@@ -69,9 +69,9 @@ def test_emulated_pre_fault_from_four_threads_populates_every_page():
 @pytest.mark.kvm
 @pytest.mark.requires_cap("PRE_FAULT_MEMORY")
 def test_kernel_pre_fault_from_four_vcpus_populates_every_page(kvm):
-    with kvm.create_vm() as vm:
+    with kvm.create_vm() as vm, HelperVcpus(vm) as helpers:
         vm.add_memory(0, 8 * MiB, "anon")
-        vcpus = kernel.helper_vcpus(vm, THREADS)
+        vcpus = helpers.get(THREADS)
         assert len(vcpus) == THREADS and len({v.index for v in vcpus}) == THREADS
         assert hammer(kernel.pre_fault_memory, vcpus, 0, 8 * MiB) == []
         assert drive_pre_fault(kernel.pre_fault_memory, vcpus[0], 0, 8 * MiB) == 8 * MiB

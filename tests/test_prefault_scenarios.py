@@ -30,7 +30,7 @@ from kvm_abi import ffi
 from vmm.config import MachineConfig
 from vmm.machine import Machine
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
-from vmm.prefault import EmulatedPrefault, PrefaultInterrupted, kernel
+from vmm.prefault import EmulatedPrefault, HelperVcpus, PrefaultInterrupted, kernel
 from vmm.prefault.contract import drive_pre_fault, new_range
 from vmm.vcpu import KICK_SIGNAL, ensure_kick_handler
 
@@ -71,7 +71,8 @@ class Target:
 
 def kernel_target(kvm: Any) -> Target:
     vm = kvm.create_vm()
-    vcpu = kernel.helper_vcpus(vm, 1)[0]
+    helpers = HelperVcpus(vm)  # the target owns the VM, so it owns the helpers (closed with it)
+    vcpu = helpers.get(1)[0]
 
     def add_slot(gpa: int, size: int, readonly: bool = False, backing: str = "anon") -> GuestRegion:
         return vm.add_memory(gpa, size, backing, readonly=readonly)
@@ -83,8 +84,8 @@ def kernel_target(kvm: Any) -> Target:
         vcpu,
         add_slot,
         vm.remove_memory,
-        lambda n: kernel.helper_vcpus(vm, n),
-        [vm.close],
+        helpers.get,
+        [helpers.close, vm.close],
     )
 
 
@@ -411,7 +412,7 @@ def backend_target(name: str, backend: Any) -> Target:
     """The implementation ``name`` over a running machine's backend."""
     if name == "kernel":
         vm = backend.vm
-        vcpu = kernel.helper_vcpus(vm, 1)[0]
+        vcpu = HelperVcpus(vm).get(1)[0]  # closed with the backend's VM
         return Target("kernel", vm.memory, kernel.pre_fault_memory, vcpu, vm.add_memory, vm.remove_memory, list)
     emu = EmulatedPrefault(backend.memory)
     return Target("emulated", backend.memory, emu.pre_fault_memory, None, list, list, list, [emu.close])

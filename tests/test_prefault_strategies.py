@@ -1,4 +1,4 @@
-"""The one entry point (``Vm.prefault`` / ``prefault_backend``): each strategy does what it
+"""The one entry point (``prefault_vm`` / ``prefault_backend``): each strategy does what it
 says, the report tells what happened with measured residency, explicit kernel strategies
 are errors where the kernel lacks them, and the RFC probe reads this kernel right."""
 
@@ -15,16 +15,19 @@ import pytest
 
 from kvm_abi import Cap
 from vmm.config import MachineConfig
+from vmm.cpu.layout import BootLayout
 from vmm.errors import InputError, Unavailable
 from vmm.machine import Machine
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
 from vmm.prefault import (
     EmulatedPrefault,
+    HelperVcpus,
     PrefaultError,
     kernel,
     map_memory,
     prefault_backend,
     prefault_memory,
+    prefault_vm,
 )
 from vmm.prefault import host as host_mod
 from vmm.prefault import progress as progress_mod
@@ -69,7 +72,7 @@ class MemoryOnlyBackend:
 def test_populating_strategies_leave_everything_resident(vm64, strategy):
     total = 80 * MiB
     assert vm64.memory.resident_bytes() == 0
-    report = vm64.prefault(strategy=strategy, threads=2)
+    report = prefault_vm(vm64, strategy=strategy, threads=2)
     assert report.requested == strategy
     assert report.bytes_requested == report.bytes_done == total
     assert report.resident_before == 0
@@ -81,7 +84,7 @@ def test_populating_strategies_leave_everything_resident(vm64, strategy):
 
 @pytest.mark.kvm
 def test_none_populates_nothing(vm64):
-    report = vm64.prefault(strategy="none")
+    report = prefault_vm(vm64, strategy="none")
     assert (report.strategy, report.bytes_done, report.resident_bytes, report.steps) == ("none", 0, 0, ())
     assert vm64.memory.resident_bytes() == 0
 
@@ -89,7 +92,7 @@ def test_none_populates_nothing(vm64):
 @pytest.mark.lab
 @pytest.mark.kvm
 def test_auto_says_which_way_it_went_and_why(kvm, vm64):
-    report = vm64.prefault([(0, 8 * MiB)], strategy="auto")
+    report = prefault_vm(vm64, [(0, 8 * MiB)], strategy="auto")
     if has_cap(kvm, Cap.PRE_FAULT_MEMORY):
         assert report.strategy in ("host+kernel", "host+map-memory")
         assert report.steps[0].name == "host"
@@ -108,31 +111,63 @@ def test_auto_says_which_way_it_went_and_why(kvm, vm64):
 def test_explicit_kernel_strategies_need_the_capability(kvm, vm64, strategy, capability):
     if has_cap(kvm, Cap.PRE_FAULT_MEMORY):
         pytest.skip("capability 236 is set here")
-    with pytest.raises(Unavailable) as info:
-        vm64.prefault(strategy=strategy)
-    assert info.value.capability == capability and info.value.status == 2
-    assert f"KVM_CAP_{capability}" in str(info.value) and "\n" not in str(info.value)
-    assert vm64.vcpus == []  # refused before any helper vCPU was created
+    with HelperVcpus(vm64) as helpers:
+        for vcpus in (None, helpers):  # the call's own helpers, then the caller's pool
+            with pytest.raises(Unavailable) as info:
+                prefault_vm(vm64, strategy=strategy, vcpus=vcpus)
+            assert info.value.capability == capability and info.value.status == 2
+            assert f"KVM_CAP_{capability}" in str(info.value) and "\n" not in str(info.value)
+        assert len(helpers) == 0
+    # Refused before any helper vCPU was created: the VM has no vCPU, and the top id (the
+    # first a helper takes) is still free.
+    assert vm64.vcpus == []
+    top = vm64.check_extension(Cap.MAX_VCPU_ID) or kvm.check_extension(Cap.MAX_VCPU_ID)
+    assert vm64.create_vcpu(top - 1).index == top - 1
     assert vm64.memory.resident_bytes() == 0
 
 
 @pytest.mark.kvm
 @pytest.mark.requires_cap("PRE_FAULT_MEMORY")
 def test_kernel_strategy_splits_across_vcpus(vm64):
-    report = vm64.prefault(strategy="kernel", threads=2)
-    assert report.strategy == "kernel" and report.bytes_done == 80 * MiB
-    assert report.threads == 2 and len(kernel.helper_vcpus(vm64, 2)) == 2
+    with HelperVcpus(vm64) as helpers:
+        report = prefault_vm(vm64, strategy="kernel", threads=2, vcpus=helpers)
+        assert report.strategy == "kernel" and report.bytes_done == 80 * MiB
+        assert report.threads == 2 and len(helpers) == 2 and len(helpers.get(2)) == 2
     assert any("read fault" in limit for limit in report.limits)
+    # Without a pool the call makes its own helpers and closes them before returning.
+    report = prefault_vm(vm64, strategy="kernel", threads=2)
+    assert report.threads == 2 and len(vm64.vcpus) == 4
+    for vcpu in vm64.vcpus:  # every helper's fd is closed; KVM keeps the vCPUs until the VM goes
+        with pytest.raises(ValueError, match="is closed"):
+            _ = vcpu.fd
 
 
 @pytest.mark.kvm
 def test_helper_vcpus_sit_at_the_top_and_are_reused(kvm):
-    with kvm.create_vm() as vm:
+    with kvm.create_vm() as vm, HelperVcpus(vm) as helpers:
         top = vm.check_extension(Cap.MAX_VCPU_ID) or kvm.check_extension(Cap.MAX_VCPU_ID)
-        first = kernel.helper_vcpus(vm, 2)
+        first = helpers.get(2)
         assert [v.index for v in first] == [top - 1, top - 2]
-        assert kernel.helper_vcpus(vm, 1) == first[:1]
+        assert helpers.get(1) == first[:1]
         assert vm.create_vcpu(0).index == 0  # the machine's own ids stay free
+        # A second owner's helpers skip the ids the first one holds.
+        with HelperVcpus(vm) as other:
+            assert [v.index for v in other.get(1)] == [top - 3]
+
+
+@pytest.mark.kvm
+def test_helper_vcpus_leave_room_for_the_machines_own(kvm):
+    """KVM counts every vCPU against KVM_CAP_MAX_VCPUS for the VM's life: helpers stop
+    ``reserve`` short of it (at least one is made), so the owner's vCPUs still fit."""
+    assert kernel.OWNER_VCPUS >= BootLayout.MAX_VCPUS
+    with kvm.create_vm() as vm:
+        limit = kernel.max_vcpus(vm)
+        assert limit == (vm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.MAX_VCPUS))
+        with HelperVcpus(vm, reserve=limit - 3) as helpers:
+            assert len(helpers.get(8)) == 3
+            assert len(helpers.get(8)) == 3  # no room left: the same three again
+        with HelperVcpus(vm, reserve=limit) as squeezed:
+            assert len(squeezed.get(2)) == 1  # no room at all, but one is the minimum
 
 
 @pytest.mark.lab
@@ -140,7 +175,7 @@ def test_helper_vcpus_sit_at_the_top_and_are_reused(kvm):
 def test_rfc_probe_reads_this_kernel(kvm, vm64):
     """The probe issues KVM_MAP_MEMORY (0xC020AED5) with a call the RFC would accept; a
     mainline kernel answers EINVAL, which can only mean "not the RFC"."""
-    vcpu = kernel.helper_vcpus(vm64, 1)[0]
+    vcpu = HelperVcpus(vm64).get(1)[0]  # closed with the VM
     found = map_memory.probe(vcpu, 0)
     assert found.rfc is False and found.usable is False and "EINVAL" in found.reason
     taken: list[int] = []

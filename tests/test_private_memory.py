@@ -14,7 +14,7 @@ import pytest
 
 from kvm_abi import KVM_MEMORY_ATTRIBUTE_PRIVATE, VmType
 from vmm.errors import ConfigError, GuestMemoryError, Unavailable
-from vmm.prefault import kernel
+from vmm.prefault import HelperVcpus, kernel, prefault_vm
 from vmm.prefault.contract import PrefaultError, drive_pre_fault, new_range
 
 pytestmark = pytest.mark.kvm
@@ -52,7 +52,7 @@ def test_private_memory_is_bound_and_hidden_from_the_host(kvm):
 def test_prefault_over_a_private_range_gives_the_selftest_results(kvm):
     with kvm.create_vm(VmType.SW_PROTECTED) as vm:
         vm.add_memory(BASE, SIZE, "guest-memfd", private=True)
-        (vcpu,) = kernel.helper_vcpus(vm, 1)
+        (vcpu,) = HelperVcpus(vm).get(1)  # closed with the VM
         # A: the whole 2 MiB
         assert drive_pre_fault(kernel.pre_fault_memory, vcpu, BASE, SZ_2M) == SZ_2M
         # B: runs off the end of the slot: one page done, then ENOENT with one page left
@@ -73,7 +73,7 @@ def test_private_gfn_in_a_slot_without_guest_memfd_is_efault(kvm):
     with kvm.create_vm(VmType.SW_PROTECTED) as vm:
         vm.add_memory(BASE, SZ_2M, "anon")
         vm.set_memory_attributes(BASE, SZ_2M, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-        (vcpu,) = kernel.helper_vcpus(vm, 1)
+        (vcpu,) = HelperVcpus(vm).get(1)  # closed with the VM
         with pytest.raises(PrefaultError) as info:
             drive_pre_fault(kernel.pre_fault_memory, vcpu, BASE, SZ_2M)
         assert info.value.errno == errno.EFAULT
@@ -84,7 +84,7 @@ def test_private_gfn_in_a_slot_without_guest_memfd_is_efault(kvm):
 def test_auto_prefault_allocates_and_maps_private_memory(kvm):
     with kvm.create_vm(VmType.SW_PROTECTED) as vm:
         vm.add_memory(BASE, SZ_2M, "guest-memfd", private=True)
-        report = vm.prefault(strategy="auto")
+        report = prefault_vm(vm, strategy="auto")
         assert report.strategy == "host+kernel", report.summary()
         assert report.bytes_done == SZ_2M
         assert report.backing == "private"

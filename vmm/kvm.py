@@ -5,14 +5,12 @@ from __future__ import annotations
 import errno
 import os
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import kvm_abi as abi
 from kvm_abi import Cap, KvmError, ffi
 from vmm.errors import Unavailable
-
-if TYPE_CHECKING:
-    from vmm.vm import Vm
+from vmm.vm import Vm
 
 DEFAULT_DEVICE = "/dev/kvm"
 DEVICE_ENV = "VMM_KVM_DEVICE"
@@ -124,8 +122,6 @@ class Kvm:
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new VM of ``vm_type`` (0 = KVM_X86_DEFAULT_VM)."""
-        from vmm.vm import Vm
-
         fd = abi.ioctl(self.fd, abi.KVM_CREATE_VM, vm_type, target="kvm", detail=f"type={vm_type}")
         try:
             return Vm(self, fd, vm_type)

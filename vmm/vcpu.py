@@ -8,15 +8,12 @@ import signal
 import threading
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import kvm_abi as abi
 from kvm_abi import EHWPOISON, ExitReason, KvmError, ffi
 from vmm import exits as ex
 from vmm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from vmm.vm import Vm
 
 KICK_SIGNAL = signal.SIGRTMIN
 """The signal that kicks a vCPU thread out of KVM_RUN (with immediate_exit set first)."""
@@ -71,7 +68,6 @@ class Vcpu:
     """
 
     __slots__ = (
-        "vm",
         "index",
         "name",
         "_fd",
@@ -84,8 +80,7 @@ class Vcpu:
         "__weakref__",
     )
 
-    def __init__(self, vm: Vm, index: int, fd: int, mmap_size: int) -> None:
-        self.vm = vm
+    def __init__(self, index: int, fd: int, mmap_size: int) -> None:
         self.index = index
         self.name = f"vcpu{index}"
         self._fd = fd

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,6 @@ from vmm.vcpu import Vcpu
 
 if TYPE_CHECKING:
     from vmm.kvm import Kvm
-    from vmm.prefault import PrefaultReport
 
 # Where the VM's real-mode helper structures go (kvmtool's and QEMU's choice): three
 # pages for the TSS and one for the identity map, just below the 4 GiB BIOS area and
@@ -34,7 +32,13 @@ _vm_numbers = itertools.count()
 
 class Vm:
     """A VM (create it with ``Kvm.create_vm()``). Closing it closes its vCPUs and frees
-    its guest RAM."""
+    its guest RAM.
+
+    ``vcpus`` lists every vCPU created on it, closed ones too: KVM keeps a vCPU until its
+    VM is destroyed, so a closed vCPU still holds its id and counts against
+    KVM_CAP_MAX_VCPUS. Pre-population is :func:`vmm.prefault.prefault_vm` (it works on
+    any VM-like object and this class never imports it).
+    """
 
     __slots__ = ("kvm", "type", "name", "_fd", "memory", "vcpus", "_next_slot", "__weakref__")
 
@@ -167,7 +171,7 @@ class Vm:
         """KVM_CREATE_VCPU: vCPU ``index`` (its APIC id), with kvm_run mapped."""
         fd = self._ioctl(abi.KVM_CREATE_VCPU, index, detail=f"id={index}")
         try:
-            vcpu = Vcpu(self, index, fd, self.kvm.get_vcpu_mmap_size())
+            vcpu = Vcpu(index, fd, self.kvm.get_vcpu_mmap_size())
         except BaseException:
             os.close(fd)
             raise
@@ -282,22 +286,6 @@ class Vm:
                 self.set_user_memory_region(region.slot, 0, region.gpa, 0, 0)
         finally:
             region.release()
-
-    def prefault(
-        self,
-        ranges: Iterable[tuple[int, int]] | None = None,
-        *,
-        strategy: str = "auto",
-        threads: int | None = None,
-        progress: bool | Callable[[int, int], None] = False,
-        vcpus: Sequence[Vcpu] | None = None,
-    ) -> PrefaultReport:
-        """Pre-populate guest RAM ``ranges`` ((gpa, size) pairs; all RAM when None) with
-        ``strategy`` (auto, kernel, map-memory, emulated, host, none) on ``threads``
-        threads; returns the report. See :mod:`vmm.prefault`."""
-        from vmm.prefault import prefault_vm
-
-        return prefault_vm(self, ranges, strategy=strategy, threads=threads, progress=progress, vcpus=vcpus)
 
     def discard(self, gpa: int, size: int) -> None:
         """Give [gpa, gpa+size) back to the host: host and guest read zeros afterwards.

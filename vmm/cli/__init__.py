@@ -36,19 +36,14 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vmm`` parser with every subcommand."""
-    from vmm.cli import caps, qemu, run
+    from vmm.cli import caps, prefault, qemu, run
 
     parser = Parser(prog="vmm", description="Run tiny guest images on KVM (or an in-process emulator).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     run.add_parser(sub)
     caps.add_parser(sub)
-    try:
-        from vmm.prefault.cli import add_parser as add_prefault
-    except ImportError:  # pragma: no cover - the prefault package is part of vmm
-        pass
-    else:
-        add_prefault(sub)
+    prefault.add_parser(sub)
     qemu.add_parser(sub)
     return parser
 

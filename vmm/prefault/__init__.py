@@ -1,10 +1,17 @@
 """Guest memory pre-population: one entry point, six strategies, one report.
 
->>> report = vm.prefault([(0, 64 << 20)], strategy="auto")     # doctest: +SKIP
->>> report.summary()                                           # doctest: +SKIP
+>>> from vmm.prefault import prefault_vm                         # doctest: +SKIP
+>>> report = prefault_vm(vm, [(0, 64 << 20)], strategy="auto")   # doctest: +SKIP
+>>> report.summary()                                             # doctest: +SKIP
 'auto -> emulated (KVM_CAP_PRE_FAULT_MEMORY is 0 ...): 64.0 MiB in 0.009 s ...'
 
-Strategies (``vmm run --prefault STRATEGY``, ``Vm.prefault(strategy=...)``):
+These are functions over a small protocol (:mod:`.target`: a VM-like thing that has guest
+memory and capabilities and can create a vCPU), so :class:`~vmm.vm.Vm` stays mechanism
+and never imports this package. The vCPUs the kernel strategies issue their ioctls on are
+the caller's (``vcpus=``: a list, or a :class:`~.kernel.HelperVcpus` kept across calls),
+else helpers created for the one call and closed at its end.
+
+Strategies (``vmm run --prefault STRATEGY``, ``prefault_vm(vm, strategy=...)``):
 
 ``kernel``      KVM_PRE_FAULT_MEMORY on vCPU fds (:mod:`.kernel`), ranges split across
                 ``threads`` vCPUs; KVM maps as a read fault, so anonymous memory stays
@@ -28,7 +35,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeAlias
 
 from kvm_abi import MemoryMappingFlag, VmType
 from vmm.errors import InputError, Unavailable
@@ -46,19 +53,21 @@ from vmm.prefault.contract import (
     new_range,
 )
 from vmm.prefault.emulated import EmulatedPrefault
+from vmm.prefault.kernel import HelperVcpus
 from vmm.prefault.progress import Progress, ProgressSink, make_sink
 from vmm.prefault.report import PrefaultReport, Step
-
-if TYPE_CHECKING:
-    from vmm.vcpu import Vcpu
-    from vmm.vm import Vm
+from vmm.prefault.target import KvmSystem, PrefaultVcpu, PrefaultVm
 
 __all__ = [
     "STRATEGIES",
     "EmulatedPrefault",
+    "HelperVcpus",
+    "KvmSystem",
     "PrefaultError",
     "PrefaultInterrupted",
     "PrefaultReport",
+    "PrefaultVcpu",
+    "PrefaultVm",
     "Step",
     "parse_strategy",
     "prefault_backend",
@@ -119,20 +128,28 @@ def prefault_backend(
     )
 
 
+Vcpus: TypeAlias = Sequence[PrefaultVcpu] | HelperVcpus
+"""The vCPUs kernel calls are issued on: exactly these, or as many as needed from a pool."""
+
+
 def prefault_vm(
-    vm: Vm,
+    vm: PrefaultVm,
     ranges: Iterable[tuple[int, int]] | None = None,
     *,
     strategy: str = "auto",
     threads: int | None = None,
     progress: bool | ProgressSink = False,
-    vcpus: Sequence[Vcpu] | None = None,
+    vcpus: Vcpus | None = None,
 ) -> PrefaultReport:
-    """Pre-populate ``ranges`` of a KVM VM's RAM (every region when None).
+    """Pre-populate ``ranges`` ((gpa, size) pairs) of a KVM VM's RAM (every region when
+    None) with ``strategy`` on ``threads`` threads (default: one per host CPU); returns
+    the report. ``progress``: True for a bar on a terminal, or a ``(done, total)`` callback.
 
     ``vcpus``: the vCPUs to issue kernel calls on, one thread each; they must not be
-    inside KVM_RUN (their ioctls would wait for it). By default helper vCPUs are used
-    (:func:`vmm.prefault.kernel.helper_vcpus`)."""
+    inside KVM_RUN (their ioctls would wait for it). A :class:`HelperVcpus` is drawn from
+    as needed and stays the caller's; by default helpers are created for this call only
+    and closed before it returns (KVM keeps them, idle, until the VM is closed: pass one
+    ``HelperVcpus`` when pre-faulting the same VM many times)."""
     return prefault_memory(vm.memory, ranges, strategy=strategy, threads=threads, progress=progress, vm=vm, vcpus=vcpus)
 
 
@@ -143,16 +160,23 @@ def prefault_memory(
     strategy: str = "auto",
     threads: int | None = None,
     progress: bool | ProgressSink = False,
-    vm: Vm | None = None,
-    vcpus: Sequence[Vcpu] | None = None,
+    vm: PrefaultVm | None = None,
+    vcpus: Vcpus | None = None,
     no_kvm: str = "no KVM VM was given",
 ) -> PrefaultReport:
     """The one implementation behind :func:`prefault_vm` and :func:`prefault_backend`."""
     strategy = parse_strategy(strategy)
     if threads is not None and threads < 1:
         raise InputError(f"prefault threads must be at least 1, not {threads}")
-    run = _Run(memory, _host.normalize_ranges(memory, ranges), threads or _host.default_threads(), progress, vm, vcpus)
-    return run.execute(strategy, no_kvm)
+    normalized = _host.normalize_ranges(memory, ranges)
+    count = threads or _host.default_threads()
+    if isinstance(vcpus, HelperVcpus):
+        return _Run(memory, normalized, count, progress, vm, vcpus.get).execute(strategy, no_kvm)
+    if vcpus or vm is None:
+        given = list(vcpus or ())
+        return _Run(memory, normalized, count, progress, vm, lambda n: given[:n]).execute(strategy, no_kvm)
+    with HelperVcpus(vm) as helpers:  # this call's own: created only if a strategy needs them
+        return _Run(memory, normalized, count, progress, vm, helpers.get).execute(strategy, no_kvm)
 
 
 class _Run:
@@ -164,8 +188,8 @@ class _Run:
         ranges: list[tuple[int, int]],
         threads: int,
         progress: bool | ProgressSink,
-        vm: Vm | None,
-        vcpus: Sequence[Vcpu] | None,
+        vm: PrefaultVm | None,
+        take_vcpus: Callable[[int], list[PrefaultVcpu]],
     ) -> None:
         self.memory = memory
         self.ranges = ranges
@@ -173,7 +197,7 @@ class _Run:
         self.threads = threads
         self.progress = progress
         self.vm = vm
-        self.given_vcpus = list(vcpus) if vcpus else None
+        self.take_vcpus = take_vcpus  # n -> up to n vCPUs (at least one) for the kernel calls
         self.steps: list[Step] = []
         self.used_threads = 1
 
@@ -216,15 +240,15 @@ class _Run:
         if strategy == "kernel":
             vm = self._need_vm("kernel", _kernel.CAPABILITY, no_kvm)
             _kernel.require(vm)
-            abi, why = self._detect(vm)
+            abi, why = self._detect()
             if abi != "pre-fault":
                 raise Unavailable(f"--prefault kernel: KVM_CAP_PRE_FAULT_MEMORY is set but {why}", _kernel.CAPABILITY)
-            self._kernel_step(vm)
+            self._kernel_step()
             return "kernel", "asked for KVM_PRE_FAULT_MEMORY", self._kernel_limits()
         if strategy == "map-memory":
             vm = self._need_vm("map-memory", _map.CAPABILITY, no_kvm)
-            _map.require(vm, lambda: self._vcpus(vm, 1)[0], self.ranges[0][0])
-            self._map_step(vm)
+            _map.require(vm, lambda: self._vcpus(1)[0], self.ranges[0][0])
+            self._map_step()
             return "map-memory", "asked for the RFC KVM_MAP_MEMORY (with WRITE)", []
         return self._auto(no_kvm)
 
@@ -238,16 +262,16 @@ class _Run:
             self._emulated_step()
             reason = f"{_kernel.missing_capability_reason(value)}; fell back to the in-process emulation"
             return "emulated", reason, [_STAGE2_LIMIT]
-        abi, why = self._detect(vm)
+        abi, why = self._detect()
         if abi is None:
             self._emulated_step()
             return "emulated", f"{why}; fell back to the in-process emulation", [_STAGE2_LIMIT]
         self._host_step()
         if abi == "map-memory":
-            self._map_step(vm)
+            self._map_step()
             return "host+map-memory", "this kernel offers only the RFC KVM_MAP_MEMORY; host population first", []
         try:
-            self._kernel_step(vm)
+            self._kernel_step()
         except PrefaultError as e:
             if e.errno != errno.EOPNOTSUPP:
                 raise
@@ -290,9 +314,9 @@ class _Run:
 
         self._step("emulated", body)
 
-    def _kernel_step(self, vm: Vm) -> None:
+    def _kernel_step(self) -> None:
         pieces = self._pieces()
-        vcpus = self._vcpus(vm, min(self.threads, len(pieces)))
+        vcpus = self._vcpus(min(self.threads, len(pieces)))
         self.used_threads = max(self.used_threads, len(vcpus))
 
         def body(meter: Progress) -> int:
@@ -306,9 +330,9 @@ class _Run:
 
         self._step("kernel", body)
 
-    def _map_step(self, vm: Vm) -> None:
+    def _map_step(self) -> None:
         pieces = self._pieces()
-        vcpus = self._vcpus(vm, min(self.threads, len(pieces)))
+        vcpus = self._vcpus(min(self.threads, len(pieces)))
         self.used_threads = max(self.used_threads, len(vcpus))
         write = int(MemoryMappingFlag.WRITE)
 
@@ -328,20 +352,18 @@ class _Run:
     def _pieces(self) -> list[_host.Piece]:
         return _host.split(self.memory, self.ranges, self.threads)
 
-    def _need_vm(self, strategy: str, capability: str, no_kvm: str) -> Vm:
+    def _need_vm(self, strategy: str, capability: str, no_kvm: str) -> PrefaultVm:
         if self.vm is None:
             raise Unavailable(f"--prefault {strategy} needs KVM_CAP_{capability} on a KVM VM: {no_kvm}", capability)
         return self.vm
 
-    def _vcpus(self, vm: Vm, count: int) -> list[Vcpu]:
-        if self.given_vcpus:
-            return self.given_vcpus[: max(1, count)]
-        return _kernel.helper_vcpus(vm, max(1, count))
+    def _vcpus(self, count: int) -> list[PrefaultVcpu]:
+        return self.take_vcpus(max(1, count))
 
-    def _detect(self, vm: Vm) -> tuple[str | None, str]:
+    def _detect(self) -> tuple[str | None, str]:
         """Which kernel ABI answers a valid one-page call: ``pre-fault`` (mainline),
         ``map-memory`` (the RFC), or None; and why, in words."""
-        vcpu = self._vcpus(vm, 1)[0]
+        vcpu = self._vcpus(1)[0]
         gpa = self.ranges[0][0]
         rng = new_range(gpa, PAGE_SIZE)
         rc = errno.EINTR

@@ -6,36 +6,44 @@ the guest's first write still faults. That is why ``auto`` populates the host fi
 only then asks KVM.
 
 vCPUs. The ioctl needs a vCPU, and one vCPU's ioctls are serialized by its mutex, so
-parallelism needs one vCPU per thread. When the caller passes none, helper vCPUs are
-created with the highest ids the VM allows (``KVM_CAP_MAX_VCPU_ID - 1`` downwards) so
-they never collide with the machine's own vCPUs 0..n-1, given KVM's supported CPUID,
-and kept with the VM (KVM cannot destroy a vCPU before its VM). They never run. The
-stage-2 tables they fill are the VM's: with TDP the root is shared by every vCPU in the
-same mode, so the machine's vCPUs find the mappings in place.
+parallelism needs one vCPU per thread. :class:`HelperVcpus` creates them, for whoever
+owns the VM: with the highest ids the VM allows (``KVM_CAP_MAX_VCPU_ID - 1`` downwards)
+so they never collide with the VM's own vCPUs 0..n-1, and with KVM's supported CPUID. They
+never run. The stage-2 tables they fill are the VM's: with TDP the root is shared by every
+vCPU in the same mode, so the VM's own vCPUs find the mappings in place. KVM cannot destroy
+a vCPU before its VM: closing a helper releases its fd and mapping, but its id stays taken
+and it still counts against ``KVM_CAP_MAX_VCPUS`` until the VM is closed, so an owner that
+pre-faults more than once keeps one ``HelperVcpus`` and passes it each time.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-import weakref
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import Any
 
 from kvm_abi import Cap, KvmError
 from vmm.errors import Unavailable
-
-if TYPE_CHECKING:
-    from vmm.vcpu import Vcpu
-    from vmm.vm import Vm
+from vmm.prefault.target import PrefaultVcpu, PrefaultVm
 
 OP = "KVM_PRE_FAULT_MEMORY"
 CAPABILITY = "PRE_FAULT_MEMORY"
 
-_helpers: weakref.WeakKeyDictionary[Vm, list[Vcpu]] = weakref.WeakKeyDictionary()
-_helpers_lock = threading.Lock()
+OWNER_VCPUS = 64
+"""vCPU slots helpers leave free for the VM's owner. KVM counts every vCPU a VM ever had
+against KVM_CAP_MAX_VCPUS, and a :class:`~vmm.machine.Machine` creates its own vCPUs (at most
+``BootLayout.MAX_VCPUS``, 64) after pre-population; helpers must not take their room."""
+
+DEFAULT_MAX_VCPUS = 4
+"""What KVM's API documentation says to assume when neither KVM_CAP_MAX_VCPUS nor
+KVM_CAP_NR_VCPUS is reported."""
+
+DEFAULT_MAX_VCPU_ID = 1024
+"""KVM_CAP_MAX_VCPU_ID's value on kernels that do not report it (ids 0..1023)."""
 
 
-def pre_fault_memory(vcpu: Vcpu, rng: Any) -> int:
+def pre_fault_memory(vcpu: PrefaultVcpu, rng: Any) -> int:
     """One real KVM_PRE_FAULT_MEMORY ioctl on ``vcpu`` in the shared call shape:
     ``rng`` is updated in place by the kernel; returns 0 or the errno."""
     try:
@@ -45,7 +53,7 @@ def pre_fault_memory(vcpu: Vcpu, rng: Any) -> int:
     return 0
 
 
-def capability(vm: Vm) -> int:
+def capability(vm: PrefaultVm) -> int:
     """KVM_CHECK_EXTENSION(KVM_CAP_PRE_FAULT_MEMORY) on the VM fd (1 iff TDP is on)."""
     return vm.check_extension(Cap.PRE_FAULT_MEMORY)
 
@@ -58,7 +66,7 @@ def missing_capability_reason(value: int) -> str:
     return f"KVM_CAP_PRE_FAULT_MEMORY is {value} on this kernel ({NO_TDP})"
 
 
-def require(vm: Vm) -> None:
+def require(vm: PrefaultVm) -> None:
     """Unavailable (status 2, naming the capability) unless the kernel offers the ioctl."""
     value = capability(vm)
     if not value:
@@ -68,27 +76,89 @@ def require(vm: Vm) -> None:
         )
 
 
-def helper_vcpus(vm: Vm, count: int) -> list[Vcpu]:
-    """``count`` vCPUs of ``vm`` reserved for pre-faulting (created on first use, reused
-    afterwards, closed with the VM). Fewer if the VM cannot have more vCPUs (at least one
-    unless none can be created, which raises)."""
-    with _helpers_lock:
-        have = _helpers.setdefault(vm, [])
-        if len(have) >= count:
+def _cap(vm: PrefaultVm, *caps: Cap) -> int:
+    """The first of ``caps`` the VM fd (else /dev/kvm) reports as non-zero; 0 if none is."""
+    for cap in caps:
+        value = vm.check_extension(cap) or vm.kvm.check_extension(cap)
+        if value:
+            return value
+    return 0
+
+
+def max_vcpus(vm: PrefaultVm) -> int:
+    """How many vCPUs the VM may ever have: KVM_CAP_MAX_VCPUS, else KVM_CAP_NR_VCPUS, else
+    KVM's documented default of 4."""
+    return _cap(vm, Cap.MAX_VCPUS, Cap.NR_VCPUS) or DEFAULT_MAX_VCPUS
+
+
+class HelperVcpus:
+    """vCPUs of one VM reserved for pre-faulting, owned by whoever owns the VM.
+
+    :meth:`get` creates them on first use and hands the same ones out again afterwards;
+    :meth:`close` (or leaving the ``with`` block) closes their fds. Closing the VM closes
+    them too. ``reserve`` vCPU slots stay free for the owner's own vCPUs.
+    """
+
+    __slots__ = ("vm", "reserve", "_vcpus", "_lock")
+
+    def __init__(self, vm: PrefaultVm, *, reserve: int = OWNER_VCPUS) -> None:
+        self.vm = vm
+        self.reserve = reserve
+        self._vcpus: list[PrefaultVcpu] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._vcpus)
+
+    def __enter__(self) -> HelperVcpus:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every helper's fd (idempotent; the ids stay taken until the VM closes)."""
+        with self._lock:
+            vcpus, self._vcpus = self._vcpus, []
+        for vcpu in vcpus:
+            vcpu.close()
+
+    def get(self, count: int) -> list[PrefaultVcpu]:
+        """``count`` helpers (created as needed, reused afterwards). Fewer when the VM has
+        no room for more (KVM_CAP_MAX_VCPUS less ``reserve``), but at least one: if not
+        even one can be created, KVM's refusal is raised."""
+        with self._lock:
+            have = self._vcpus
+            if len(have) >= count:
+                return have[:count]
+            vm = self.vm
+            room = max(0, max_vcpus(vm) - len(vm.vcpus) - self.reserve)
+            want = min(count - len(have), room) if have else max(1, min(count, room))
+            if want:
+                self._create(want)
             return have[:count]
-        max_id = vm.check_extension(Cap.MAX_VCPU_ID) or vm.kvm.check_extension(Cap.MAX_VCPU_ID) or 1024
-        max_vcpus = vm.check_extension(Cap.MAX_VCPUS) or vm.kvm.check_extension(Cap.MAX_VCPUS) or 1
+
+    def _create(self, want: int) -> None:
+        vm = self.vm
+        cpuid = vm.kvm.get_supported_cpuid()
         taken = {v.index for v in vm.vcpus}
-        # Leave room for the machine's own vCPUs (ids 0..63 at most, BootLayout.MAX_VCPUS).
-        room = max(0, max_vcpus - len(vm.vcpus) - 64)
-        want = min(count - len(have), room) if have else max(1, min(count, room))
-        cpuid = vm.kvm.get_supported_cpuid() if want else None
-        index = max_id - 1
-        while want > 0 and index > 0:
+        index = (_cap(vm, Cap.MAX_VCPU_ID) or DEFAULT_MAX_VCPU_ID) - 1
+        while want > 0 and index > 0:  # id 0 is the boot vCPU's, always the owner's
             if index not in taken:
-                vcpu = vm.create_vcpu(index)
-                vcpu.set_cpuid2(cpuid)
-                have.append(vcpu)
+                try:
+                    vcpu = vm.create_vcpu(index)
+                except KvmError as e:
+                    if e.errno == errno.EEXIST:  # taken meanwhile (another owner's helpers)
+                        index -= 1
+                        continue
+                    if self._vcpus:  # KVM is full: make do with the helpers there are
+                        return
+                    raise
+                try:
+                    vcpu.set_cpuid2(cpuid)
+                except BaseException:
+                    vcpu.close()
+                    raise
+                self._vcpus.append(vcpu)
                 want -= 1
             index -= 1
-        return have[:count]

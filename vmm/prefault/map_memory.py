@@ -30,23 +30,18 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import kvm_abi as abi
 from kvm_abi import Cap, KvmError
 from vmm.errors import Unavailable
 from vmm.prefault.contract import PAGE_SHIFT, errno_name, new_mapping
-
-if TYPE_CHECKING:
-    from vmm.vcpu import Vcpu
-    from vmm.vm import Vm
+from vmm.prefault.target import PrefaultVcpu, PrefaultVm
 
 OP = "KVM_MAP_MEMORY"
 CAPABILITY = "MAP_MEMORY"
-RFC_NUMBER = abi.KVM_MAP_MEMORY.number  # 0xC020AED5
 
 
-def map_memory(vcpu: Vcpu, mapping: Any) -> int:
+def map_memory(vcpu: PrefaultVcpu, mapping: Any) -> int:
     """One real KVM_MAP_MEMORY (RFC) ioctl in the shared call shape: 0 or the errno."""
     try:
         vcpu.map_memory(mapping)
@@ -65,7 +60,7 @@ class Probe:
     reason: str
 
 
-def probe(vcpu: Vcpu, gpa: int) -> Probe:
+def probe(vcpu: PrefaultVcpu, gpa: int) -> Probe:
     """Issue the RFC ioctl for the one page at ``gpa`` (inside a memslot) and read the
     answer as the module docstring explains. Does not check capability 236 (see
     :func:`detect`)."""
@@ -83,7 +78,7 @@ def probe(vcpu: Vcpu, gpa: int) -> Probe:
     return Probe(True, False, f"KVM_MAP_MEMORY exists but failed on a valid page: {errno_name(rc)}")
 
 
-def detect(vm: Vm, vcpu: Callable[[], Vcpu], gpa: int) -> Probe:
+def detect(vm: PrefaultVm, vcpu: Callable[[], PrefaultVcpu], gpa: int) -> Probe:
     """Capability 236 first (0: neither ABI, nothing issued, no vCPU taken), then
     :func:`probe` on the vCPU ``vcpu()`` returns."""
     value = vm.check_extension(Cap.PRE_FAULT_MEMORY)
@@ -92,7 +87,7 @@ def detect(vm: Vm, vcpu: Callable[[], Vcpu], gpa: int) -> Probe:
     return probe(vcpu(), gpa)
 
 
-def require(vm: Vm, vcpu: Callable[[], Vcpu], gpa: int) -> None:
+def require(vm: PrefaultVm, vcpu: Callable[[], PrefaultVcpu], gpa: int) -> None:
     """Unavailable (status 2, naming the capability) unless the RFC ioctl works here."""
     found = detect(vm, vcpu, gpa)
     if not found.rfc:

@@ -4,6 +4,10 @@ For each strategy it builds a fresh machine with ``--mem`` of RAM (fresh memory 
 time), pre-populates it, runs the ring-3 ``memtouch`` guest for two passes over RAM, and
 times both passes from the guest's marks on port 0x500. The table answers the question:
 how long population takes, and how much faster the guest's first touch gets for it.
+
+The measuring (:func:`measure`, :func:`compare`) is the command's own: it runs whole
+machines, so it sits above :mod:`vmm.machine`, here in the CLI, not in :mod:`vmm.prefault`.
+``bench/prefault.py`` reuses it for the side-by-side benchmark.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmm.cli import streams
 from vmm.config import BACKENDS, MachineConfig, parse_size
 from vmm.errors import InputError, VmmError
 from vmm.memory import DEFAULT_BACKING, Backing
@@ -240,10 +245,9 @@ def cmd_prefault(ns: argparse.Namespace) -> int:
         timeout=ns.timeout,
         progress=not ns.json and sys.stderr.isatty(),
     )
-    if ns.json:
-        print(json.dumps([r.to_json() for r in rows]))
-    else:
-        print(format_table(rows, mem))
+    # Through streams, as every subcommand: a closed pipe is the shell's 141, a full disk
+    # one line on stderr, never "an internal error".
+    streams.write_text((json.dumps([r.to_json() for r in rows]) if ns.json else format_table(rows, mem)) + "\n")
     return 0
 
 
