@@ -19,7 +19,7 @@ PC_DEPS := guests/include/pc.inc guests/include/lib32.S
 
 .SECONDARY:
 
-.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private clean
+.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private lab-bench clean
 
 $(STAMP): pyproject.toml setup.py kvm_abi/_cdefs.py kvm_abi/_build.py
 	$(PYTHON) -m venv $(VENV)
@@ -86,10 +86,23 @@ bench: $(STAMP)
 	$(VPY) bench/prefault.py
 	$(VPY) bench/startup_pc.py
 
-# The kernel path (KVM_PRE_FAULT_MEMORY) in the nested QEMU lab (lab/README.md): builds the
-# lab on first use, runs lab/kernel-tests inside, exits with its status.
+# The kernel path (KVM_PRE_FAULT_MEMORY) in the nested QEMU lab (lab/README.md), once on each
+# kernel series: the newest Debian kernel (7.x) and 6.12. Builds the lab on first use and runs
+# lab/kernel-tests inside; both run even if the first fails, and it fails if either did.
 lab-test: $(STAMP)
-	lab/run --timeout 1800 -- lab/kernel-tests
+	@status=0; \
+	for kernel in 7 6.12; do \
+		echo "== lab-test: kernel $$kernel"; \
+		lab/run --kernel $$kernel --timeout 1800 -- lab/kernel-tests || status=$$?; \
+	done; \
+	exit $$status
+
+# KVM's page faults on the memtouch guest's first and second pass over 256 MiB, for every
+# pre-population strategy on THP and 4 KiB memory, counted inside the lab (newest kernel):
+# prints one JSON object (bench/lab_faults.py; LAB_KERNEL=6.12 for the older kernel).
+LAB_KERNEL ?= 7
+lab-bench: $(STAMP)
+	@lab/run --kernel $(LAB_KERNEL) --timeout 3600 -- lab/bench-faults
 
 # The same with CONFIG_KVM_SW_PROTECTED_VM rebuilt into the lab's KVM (a few minutes the
 # first time): private memory and pre-faulting it.

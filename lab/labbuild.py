@@ -1,21 +1,22 @@
 """Build the nested real-kernel lab, idempotently, into ``.cache/lab/``.
 
-The lab is a Debian 6.12 kernel booted by QEMU in TCG mode with an emulated AMD CPU that
-has SVM and nested paging, so the KVM inside it has two-dimensional paging (and with it
-``KVM_PRE_FAULT_MEMORY``), unlike this machine's own KVM.  See ``lab/README.md``.
+The lab is a Debian kernel (series 7 by default, or 6.12: see ``labkernel.py``) booted by
+QEMU in TCG mode with an emulated AMD CPU that has SVM and nested paging, so the KVM inside
+it has two-dimensional paging (and with it ``KVM_PRE_FAULT_MEMORY``), unlike this machine's
+own KVM.  See ``lab/README.md``.
 
 What this module produces (everything is cached; a second run does no download and no
 repack unless an input changed):
 
 * ``qemu-system-x86`` installed on the host with apt-get, if missing;
-* the newest ``linux-image-6.1x...-amd64-unsigned`` the configured apt sources offer,
-  downloaded with ``apt-get download`` and unpacked with ``dpkg-deb -x``;
-* a busybox initramfs (cpio newc, gzip) holding busybox, ``lab/init.sh`` as ``/init`` and
-  the KVM, 9p and overlay modules with their dependencies (from each module's
-  ``.modinfo`` ``depends=``), decompressed and listed in load order;
-* with ``private=True``: ``kvm.ko`` and ``kvm-amd.ko`` rebuilt from Debian's kernel source
-  with ``CONFIG_KVM_SW_PROTECTED_VM=y`` (see ``labprivate.py``), used instead of the stock
-  ones.
+* the kernel of the chosen series, downloaded with ``apt-get download`` and unpacked with
+  ``dpkg-deb -x`` (:mod:`labkernel`);
+* a busybox initramfs (cpio newc, gzip) per kernel release, holding busybox, ``lab/init.sh``
+  as ``/init`` and the KVM, 9p and overlay modules with their dependencies (from each
+  module's ``.modinfo`` ``depends=``), decompressed and listed in load order;
+* with ``private=True`` (series 6.12): ``kvm.ko`` and ``kvm-amd.ko`` rebuilt from Debian's
+  kernel source with ``CONFIG_KVM_SW_PROTECTED_VM=y`` (see ``labprivate.py``), used
+  instead of the stock ones.
 
 ``lab/build`` is the command-line front end; ``lab/run`` calls :func:`ensure_lab`.
 """
@@ -27,22 +28,21 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
-import json
 import lzma
 import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-LAB_DIR = Path(__file__).resolve().parent
-REPO = LAB_DIR.parent
-CACHE = REPO / ".cache" / "lab"
+from labapt import CACHE, LAB_DIR, Apt, LabError, deb_field, last_line, log, run, unpack_deb
+from labkernel import DEFAULT_SERIES, PRIVATE_SERIES, SERIES, Kernel, ensure_kernel, pvh_kernel, series
+
+# Re-exported for labrun and labprivate.
+__all__ = ["CACHE", "Apt", "Kernel", "Lab", "LabError", "deb_field", "ensure_lab", "last_line", "log", "run"]
+
 INIT_SCRIPT = LAB_DIR / "init.sh"
 
 #: Modules the lab needs; their dependencies are found from ``.modinfo``.
@@ -50,22 +50,6 @@ ROOT_MODULES = ("kvm_amd", "9pnet_virtio", "9p", "overlay")
 #: Host programs and the Debian packages that provide them.
 HOST_PROGRAMS = {"qemu-system-x86_64": "qemu-system-x86", "zstd": "zstd"}
 BUSYBOX_PACKAGE = "busybox-static"
-#: ``linux-image-6.12.117+deb12-amd64-unsigned``, ``linux-image-6.1.0-56-amd64-unsigned``.
-KERNEL_RE = re.compile(
-    r"^linux-image-(?P<major>6)\.(?P<minor>1\d?)\.(?P<patch>\d+)(?:-(?P<abi>\d+))?"
-    r"(?:\+deb\d+)?-amd64-unsigned$"
-)
-KERNEL_SEARCH = r"^linux-image-6\.1[0-9]*\..*-amd64-unsigned$"
-#: The first series whose KVM has KVM_PRE_FAULT_MEMORY and was verified in the lab.
-PREFERRED_MINOR = 12
-
-APT_TIMEOUT = 1800
-QUERY_TIMEOUT = 120
-UNPACK_TIMEOUT = 600
-
-
-class LabError(Exception):
-    """An expected failure, reported to the user as one ``lab: ...`` line."""
 
 
 @dataclass(frozen=True)
@@ -76,135 +60,7 @@ class Lab:
     initrd: Path
     release: str
     private: bool
-
-
-def log(message: str) -> None:
-    """Print a progress or error line on stderr."""
-    print(f"lab: {message}", file=sys.stderr, flush=True)
-
-
-def last_line(text: str) -> str:
-    """The most telling line of a tool's output: its first ``E:`` line, else its last."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("E:")]
-    return (errors or lines or [""])[0 if errors else -1]
-
-
-def run(
-    cmd: Sequence[str],
-    *,
-    what: str,
-    timeout: float,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run a command to completion; raise :class:`LabError` ("<what>: <reason>") on failure."""
-    try:
-        proc = subprocess.run(
-            list(cmd),
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError as exc:
-        raise LabError(f"{what}: {cmd[0]} not found") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise LabError(f"{what}: timed out after {timeout:.0f} s") from exc
-    if proc.returncode != 0:
-        reason = last_line(proc.stderr) or last_line(proc.stdout)
-        raise LabError(f"{what}: {reason or f'exit status {proc.returncode}'}")
-    return proc
-
-
-class Apt:
-    """apt-get and apt-cache, refreshing the package lists at most once per process."""
-
-    def __init__(self) -> None:
-        """Start with the package lists as they are."""
-        self.updated = False
-        self.env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-    def update(self) -> None:
-        """Run ``apt-get update`` (once)."""
-        if not self.updated:
-            log("refreshing the apt package lists")
-            run(
-                ["apt-get", "update"],
-                what="apt-get update failed",
-                timeout=APT_TIMEOUT,
-                env=self.env,
-            )
-            self.updated = True
-
-    def get(self, args: Sequence[str], *, what: str, cwd: Path | None = None) -> None:
-        """Run ``apt-get ARGS``; if it fails, refresh the lists once and try again."""
-        cmd = ["apt-get", *args]
-        try:
-            run(cmd, what=what, timeout=APT_TIMEOUT, cwd=cwd, env=self.env)
-        except LabError:
-            if self.updated:
-                raise
-            self.update()
-            run(cmd, what=what, timeout=APT_TIMEOUT, cwd=cwd, env=self.env)
-
-    def query(self, args: Sequence[str], *, what: str) -> str:
-        """Run ``apt-cache ARGS`` and return its output."""
-        return run(["apt-cache", *args], what=what, timeout=QUERY_TIMEOUT, env=self.env).stdout
-
-    def install(self, packages: Sequence[str]) -> None:
-        """Install Debian packages on the host."""
-        log(f"installing {' '.join(packages)}")
-        self.get(
-            ["install", "-y", "--no-install-recommends", *packages],
-            what=f"could not install {' '.join(packages)}",
-        )
-
-    def download(self, package: str, version: str | None = None) -> Path:
-        """``apt-get download`` a package into the cache (once); return the .deb."""
-        spec = package if version is None else f"{package}={version}"
-        debs = CACHE / "debs"
-        dest = debs / (f"{package}_{version}.deb" if version else f"{package}.deb")
-        if dest.is_file():
-            return dest
-        debs.mkdir(parents=True, exist_ok=True)
-        log(f"downloading {spec}")
-        with tempfile.TemporaryDirectory(dir=debs, prefix=".download-") as tmp:
-            self.get(["download", spec], what=f"could not download {spec}", cwd=Path(tmp))
-            found = sorted(Path(tmp).glob("*.deb"))
-            if len(found) != 1:
-                raise LabError(f"could not download {spec}: apt-get left {len(found)} .deb files")
-            found[0].chmod(0o644)
-            os.replace(found[0], dest)
-        return dest
-
-
-def deb_field(deb: Path, field: str) -> str:
-    """One control field of a .deb (``Version``, ``Package``...)."""
-    return run(
-        ["dpkg-deb", "-f", str(deb), field],
-        what=f"cannot read {deb.name}",
-        timeout=QUERY_TIMEOUT,
-    ).stdout.strip()
-
-
-def unpack_deb(deb: Path, dest: Path) -> Path:
-    """``dpkg-deb -x`` a package into ``dest`` (once, atomically); return ``dest``."""
-    if dest.is_dir():
-        return dest
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    run(
-        ["dpkg-deb", "-x", str(deb), str(partial)],
-        what=f"could not unpack {deb.name}",
-        timeout=UNPACK_TIMEOUT,
-    )
-    os.replace(partial, dest)
-    return dest
+    series: str
 
 
 # --- host packages -------------------------------------------------------------------------
@@ -218,153 +74,6 @@ def ensure_host_programs(apt: Apt) -> None:
     for prog in HOST_PROGRAMS:
         if not shutil.which(prog):
             raise LabError(f"{prog} is still missing after installing {HOST_PROGRAMS[prog]}")
-
-
-# --- the kernel ----------------------------------------------------------------------------
-
-
-def kernel_key(name: str) -> tuple[int, int, int, int] | None:
-    """Sort key of a kernel package name, or None if it is not an amd64 6.1x image."""
-    match = KERNEL_RE.match(name)
-    if not match:
-        return None
-    return (
-        int(match["major"]),
-        int(match["minor"]),
-        int(match["patch"]),
-        int(match["abi"] or 0),
-    )
-
-
-def newest_kernel(apt: Apt) -> str | None:
-    """The newest amd64 6.1x kernel image package that the apt lists offer."""
-    out = apt.query(["search", "--names-only", KERNEL_SEARCH], what="apt-cache search failed")
-    names = [line.split(" - ", 1)[0].strip() for line in out.splitlines()]
-    keyed = [(key, name) for name in names if (key := kernel_key(name))]
-    return max(keyed)[1] if keyed else None
-
-
-def choose_kernel(apt: Apt) -> str:
-    """Pick the kernel package, refreshing stale package lists once if needed."""
-    name = newest_kernel(apt)
-    key = kernel_key(name) if name else None
-    if key is None or key[1] < PREFERRED_MINOR:
-        apt.update()
-        name = newest_kernel(apt)
-        key = kernel_key(name) if name else None
-    if name is None or key is None:
-        raise LabError("no linux-image-6.1x...-amd64-unsigned package in the apt sources")
-    if key[1] < PREFERRED_MINOR:
-        log(f"warning: only {name} is available; its KVM lacks KVM_PRE_FAULT_MEMORY")
-    return name
-
-
-def read_manifest() -> dict[str, str]:
-    """The cached build choices (which kernel package), or {}."""
-    try:
-        data = json.loads((CACHE / "lab.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_manifest(data: dict[str, str]) -> None:
-    """Record the build choices atomically."""
-    tmp = CACHE / "lab.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, CACHE / "lab.json")
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """An unpacked kernel package."""
-
-    package: str
-    deb: Path
-    root: Path
-    release: str
-
-    @property
-    def vmlinuz(self) -> Path:
-        """The bootable kernel image."""
-        return self.root / "boot" / f"vmlinuz-{self.release}"
-
-    @property
-    def config(self) -> Path:
-        """The kernel's build configuration."""
-        return self.root / "boot" / f"config-{self.release}"
-
-    @property
-    def moddir(self) -> Path:
-        """``lib/modules/<release>``."""
-        return self.root / "lib" / "modules" / self.release
-
-
-def fetch_kernel(apt: Apt, package: str) -> Kernel:
-    """Download and unpack a kernel image package (cached)."""
-    deb = apt.download(package)
-    root = unpack_deb(deb, CACHE / "kernel" / package)
-    releases = sorted(p.name for p in (root / "lib" / "modules").glob("*") if p.is_dir())
-    if len(releases) != 1:
-        raise LabError(f"{package}: expected one lib/modules/<release>, found {releases}")
-    kernel = Kernel(package=package, deb=deb, root=root, release=releases[0])
-    if not kernel.vmlinuz.is_file():
-        raise LabError(f"{package}: no boot/vmlinuz-{kernel.release}")
-    return kernel
-
-
-def pvh_kernel(kernel: Kernel) -> Path:
-    """The uncompressed ELF ``vmlinux`` for QEMU's PVH boot, else the bzImage.
-
-    QEMU boots a PVH-capable ELF kernel directly, which skips the firmware's real-mode
-    loader and the in-guest decompression (about 0.5-1 s under TCG).
-    """
-    dest = kernel.root / "boot" / f"vmlinux-{kernel.release}"
-    if dest.is_file():
-        return dest
-    image = kernel.vmlinuz.read_bytes()
-    setup_sects = image[0x1F1] or 4
-    offset, length = struct.unpack_from("<II", image, 0x248)  # payload_offset, payload_length
-    start = (setup_sects + 1) * 512 + offset
-    payload = image[start : start + length - 4]  # the last 4 bytes are the unpacked size
-    if payload[:4] != b"\x28\xb5\x2f\xfd":  # not zstd: keep the bzImage
-        return kernel.vmlinuz
-    try:
-        proc = subprocess.run(
-            ["zstd", "-d", "-c", "-q"],
-            input=payload,
-            capture_output=True,
-            timeout=UNPACK_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return kernel.vmlinuz
-    if proc.returncode != 0 or not has_pvh_note(proc.stdout):
-        return kernel.vmlinuz
-    tmp = dest.with_name(dest.name + ".partial")
-    tmp.write_bytes(proc.stdout)
-    os.replace(tmp, dest)
-    return dest
-
-
-def has_pvh_note(elf: bytes) -> bool:
-    """Whether an ELF kernel has the Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2:
-        return False
-    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for index in range(phnum):
-        ptype, _flags, offset, _vaddr, _paddr, size = struct.unpack_from("<IIQQQQ", elf, phoff + index * phentsize)
-        if ptype != 4:  # PT_NOTE
-            continue
-        pos, end = offset, offset + size
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == 18:
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    return False
 
 
 # --- modules -------------------------------------------------------------------------------
@@ -554,25 +263,27 @@ def cache_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_lab(*, private: bool = False, refresh: bool = False) -> Lab:
-    """Build whatever part of the lab is missing or stale and return it."""
+def ensure_lab(*, private: bool = False, refresh: bool = False, kernel: str | None = None) -> Lab:
+    """Build whatever part of the lab is missing or stale and return it.
+
+    ``kernel``: the series (``7``, ``6.12``; None = the default, or 6.12 with ``private``)."""
+    if private and kernel is None:
+        kernel = PRIVATE_SERIES[0]
+    chosen = series(kernel)
+    if private and chosen.name not in PRIVATE_SERIES:
+        raise LabError(f"--private is built and verified for --kernel {' or '.join(PRIVATE_SERIES)} only")
     with cache_lock():
         apt = Apt()
         ensure_host_programs(apt)
-        manifest = read_manifest()
-        package = manifest.get("kernel_package")
-        if refresh or not package:
-            package = choose_kernel(apt)
-            write_manifest({**manifest, "kernel_package": package})
-        kernel = fetch_kernel(apt, package)
+        built = ensure_kernel(chosen.name, apt, refresh=refresh)
         busybox_deb = apt.download(BUSYBOX_PACKAGE)
         overrides: dict[str, Path] = {}
         if private:
             from labprivate import ensure_private_modules
 
-            overrides = ensure_private_modules(apt, kernel)
-        initrd = ensure_initramfs(kernel, busybox_deb, overrides)
-        return Lab(kernel=pvh_kernel(kernel), initrd=initrd, release=kernel.release, private=private)
+            overrides = ensure_private_modules(apt, built)
+        initrd = ensure_initramfs(built, busybox_deb, overrides)
+        return Lab(kernel=pvh_kernel(built), initrd=initrd, release=built.release, private=private, series=chosen.name)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -587,18 +298,24 @@ def main(argv: Sequence[str]) -> int:
         help="also rebuild kvm.ko/kvm-amd.ko with CONFIG_KVM_SW_PROTECTED_VM=y",
     )
     parser.add_argument(
+        "--kernel",
+        choices=sorted(SERIES),
+        default=None,
+        help=f"kernel series (default {DEFAULT_SERIES}; 6.12 with --private)",
+    )
+    parser.add_argument(
         "--refresh",
         action="store_true",
         help="pick the newest kernel package again instead of the cached choice",
     )
     args = parser.parse_args(argv)
     try:
-        lab = ensure_lab(private=args.private, refresh=args.refresh)
+        lab = ensure_lab(private=args.private, refresh=args.refresh, kernel=args.kernel)
     except LabError as exc:
         log(str(exc))
         return 125
     except KeyboardInterrupt:
         log("interrupted")
         return 130
-    print(f"kernel {lab.kernel}\ninitrd {lab.initrd}\nrelease {lab.release}")
+    print(f"kernel {lab.kernel}\ninitrd {lab.initrd}\nrelease {lab.release}\nseries {lab.series}")
     return 0

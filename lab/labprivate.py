@@ -24,7 +24,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from labbuild import CACHE, Apt, Kernel, LabError, deb_field, log, modinfo, run, unpack_deb
+from labapt import CACHE, Apt, LabError, deb_field, log, run, unpack_deb
+from labbuild import modinfo
+from labkernel import Kernel
 
 #: Host packages the kernel build needs.
 BUILD_PACKAGES = ("gcc-12", "make", "bc", "flex", "bison", "libelf-dev", "libssl-dev", "pahole", "xz-utils")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, NoReturn
 
 from labbuild import CACHE, Lab, LabError, ensure_lab, last_line, log
+from labkernel import DEFAULT_SERIES, SERIES
 
 EXIT_TIMEOUT = 124
 EXIT_LAB = 125
@@ -65,6 +66,7 @@ class Options:
     mem: int
     smp: int
     private: bool
+    kernel: str | None
     env: dict[str, str]
     append: list[str]
     verbose: bool
@@ -263,6 +265,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="use kvm modules rebuilt with CONFIG_KVM_SW_PROTECTED_VM=y",
     )
     parser.add_argument(
+        "--kernel",
+        choices=sorted(SERIES),
+        default=None,
+        help=f"kernel series to boot (default {DEFAULT_SERIES}; 6.12 with --private)",
+    )
+    parser.add_argument(
         "--env", "-e", action="append", default=[], metavar="NAME=VALUE",
         help="set a variable inside (repeatable)",
     )  # fmt: skip
@@ -292,6 +300,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         mem=args.mem,
         smp=args.smp,
         private=args.private,
+        kernel=args.kernel,
         env=env,
         append=args.append,
         verbose=args.verbose,
@@ -309,7 +318,7 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="lab-run-"))
     try:
-        lab = ensure_lab(private=opts.private)
+        lab = ensure_lab(private=opts.private, kernel=opts.kernel)
         return boot(lab, opts, workdir)
     except LabError as exc:
         log(str(exc))

@@ -31,8 +31,6 @@ from vmm.devices.fw_cfg import (
 from vmm.errors import InputError
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
 from vmm.platform.fw_cfg import (
-    FILE_SLOTS,
-    MAX_ITEM_SIZE,
     FwCfgSource,
     fw_cfg_items,
     load_fw_cfg_files,
@@ -47,6 +45,8 @@ ROM = 8 * MiB  # a read-only region
 DESC = 0x1000  # where the tests put FWCfgDmaAccess
 BUF = 0x2000
 FILES = [("opt/zeta", b"zz"), ("opt/alpha", b"the alpha file"), ("etc/empty", b"")]
+FILE_SLOTS = 0x20  # QEMU's default x-file-slots: the size of its file directory
+MAX_ITEM_SIZE = 16 * MiB  # README/--fw-cfg: a file of at most 16 MiB
 
 
 def mv(data: bytes) -> memoryview:

@@ -48,7 +48,7 @@ def test_the_bound_holds_under_concurrent_vcpus():
 
 
 def test_the_default_limit_is_documented_and_modest():
-    assert Marker().limit == MAX_MARKS and MAX_MARKS <= 1 << 20
+    assert 0 < Marker().limit <= 1 << 20  # README: "the marker port at most 1 M marks"
 
 
 FLOOD = MAX_MARKS + 1234

@@ -62,7 +62,9 @@ def test_capabilities_by_name(kvm):
     caps = kvm.capabilities()
     assert caps["USER_MEMORY"] == 1
     assert set(caps) == {c.name for c in Cap}
-    assert caps["PRE_FAULT_MEMORY"] == kvm.check_extension(Cap.PRE_FAULT_MEMORY)
+    # The oracle is the raw ioctl on the system fd, not another Kvm method.
+    for name in ("PRE_FAULT_MEMORY", "NR_MEMSLOTS", "GUEST_MEMFD_FLAGS"):
+        assert caps[name] == abi.ioctl(kvm.fd, abi.KVM_CHECK_EXTENSION, int(Cap[name])), name
 
 
 def test_memslot_errors(kvm):
@@ -201,10 +203,29 @@ def test_interrupt_controller_ordering_rules(kvm):
         assert late_map.value.errno == errno.EINVAL
 
 
-def test_tss_and_identity_map_addresses(kvm):
+def test_tss_address_reaches_the_kernel_whole(kvm):
+    # KVM_SET_TSS_ADDR takes the address as the ioctl's argument and needs its three pages
+    # below 4 GiB (x86.c: addr <= (unsigned int)(-3 * PAGE_SIZE)). An address above INT_MAX
+    # must pass (fcntl.ioctl could not), and one above 32 bits must reach the kernel
+    # untruncated: cut to an int it would read as 0 and be accepted.
+    with kvm.create_vm() as vm:
+        vm.set_tss_addr(0xFFFBD000)
+        vm.set_tss_addr(0xFFFFD000)  # the last three pages below 4 GiB
+        for addr in (0xFFFFE000, 1 << 33):
+            with pytest.raises(KvmError) as info:
+                vm.set_tss_addr(addr)
+            assert (info.value.errno, info.value.ioctl) == (errno.EINVAL, "KVM_SET_TSS_ADDR"), hex(addr)
+
+
+def test_real_mode_runs_after_the_tss_and_identity_map_are_placed(kvm):
     with kvm.create_vm() as vm:
         vm.set_identity_map_addr()
-        vm.set_tss_addr(0xFFFBD000)  # above INT_MAX: fcntl.ioctl could not pass it
+        vm.set_tss_addr()
+        vm.add_memory(0, 1 << 20, "anon")
+        vcpu = real_mode_vcpu(vm, bytes.fromhex("b041e6f4f4"))  # mov al,'A'; out 0xf4,al; hlt
+        first = vcpu.run()
+        assert isinstance(first, ex.IoOut) and (first.port, bytes(first.data)) == (0xF4, b"A")
+        assert vcpu.run() is ex.HLT
 
 
 def test_dirty_log(kvm):
@@ -234,15 +255,28 @@ def test_duplicate_vcpu_id(vm):
     assert info.value.errno == errno.EEXIST
 
 
-def test_mp_state_fpu_and_guest_debug(vm):
+def test_mp_state_and_fpu(vm):
     vcpu = vm.create_vcpu(0)
     assert vcpu.get_mp_state() == abi.MpState.RUNNABLE
     fpu = vcpu.get_fpu()
     fpu.fcw = 0x37F
     vcpu.set_fpu(fpu)
     assert vcpu.get_fpu().fcw == 0x37F
+
+
+def test_guest_debug_single_steps_and_turns_off(vm):
+    vcpu = real_mode_vcpu(vm, REAL_MODE_PROGRAM)
     vcpu.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP)
+    # One #DB (vector 1) exit after each instruction: mov dx,0x3f8 (3 bytes), mov al,'A' (2).
+    assert vcpu.run() == ex.Debug(1, 0x1003)
+    assert vcpu.run() == ex.Debug(1, 0x1005)
     vcpu.set_guest_debug(0)
+    # Off again: the program runs from exit to exit, with no debug exit in between.
+    out = vcpu.run()
+    assert isinstance(out, ex.IoOut) and (out.port, bytes(out.data)) == (0x3F8, b"A")
+    second = vcpu.run()
+    assert isinstance(second, ex.IoOut) and second.port == 0x11
+    assert vcpu.run() is ex.HLT
 
 
 def test_vm_ioctls_from_a_forked_child_fail_with_eio(vm):

@@ -9,22 +9,21 @@ from itertools import combinations
 import pytest
 
 from vmm.cpu.layout import BootLayout, CpuMode
-from vmm.cpu.state import CODE32, DATA, SEL_CODE32, SEL_DATA, gdt_table
+from vmm.cpu.state import pc_boot_state
 from vmm.errors import InputError
 from vmm.loader import ImagePlan
-from vmm.loader.multiboot import (
-    BOOTLOADER_MAGIC,
-    HEADER_MAGIC,
-    MAX_CMDLINE,
-    MAX_MODULES,
-    find_header,
-    plan_multiboot,
-)
+from vmm.loader.multiboot import MAX_MODULES, find_header, plan_multiboot
 from vmm.memory import GuestMemory, GuestRegion, HostMemory
 
 MiB, GiB = 1 << 20, 1 << 30
 RAM_64M = BootLayout.ram_ranges(64 * MiB)
 CODE = b"\xfa\xf4\xeb\xfd" * 8  # cli; hlt; jmp back: something to load
+# The Multiboot 0.6.96 specification's numbers, not the loader's constants.
+HEADER_MAGIC = 0x1BADB002
+BOOTLOADER_MAGIC = 0x2BADB002  # EAX at entry
+MAX_CMDLINE = 4096  # README: --append takes at most 4096 bytes
+FLAT_CODE32 = 0x00CF9B000000FFFF  # base 0, limit 4 GiB, 32-bit, execute/read, present
+FLAT_DATA = 0x00CF93000000FFFF  # base 0, limit 4 GiB, read/write, present
 
 
 def mb_header(flags: int = 0x3, *, checksum: int | None = None, address: tuple[int, ...] = ()) -> bytes:
@@ -172,7 +171,7 @@ def test_elf_loads_by_program_headers_with_bss():
     assert (p.format, p.mode, p.entry, p.pc) == ("multiboot-elf", CpuMode.PROTECTED, 0x100004, True)
     assert (p.segments[0].gpa, p.segments[0].data) == (0x100000, text)
     assert (p.segments[1].gpa, p.segments[1].data, p.segments[1].memsz) == (0x102000, data, 0x3000)
-    assert p.regs == {"rax": BOOTLOADER_MAGIC, "rbx": p.regs["rbx"]}
+    assert set(p.regs) == {"rax", "rbx"} and p.regs["rax"] == BOOTLOADER_MAGIC
     assert_disjoint(p)
 
 
@@ -322,12 +321,22 @@ def test_cmdline_mirrors_qemu_even_when_empty():
     assert c_string(p, info(p)["cmdline"]) == b"/boot/my kernel "
 
 
-def test_gdt_holds_the_flat_selectors():
+def test_gdt_holds_the_flat_segments_the_entry_state_loads():
+    # Multiboot: CS a 32-bit read/execute segment, DS/ES/FS/GS/SS read/write, all with
+    # offset 0 and limit 0xFFFFFFFF. The descriptors the entry selectors name, in the GDT
+    # the plan places, must be exactly those.
     p = plan(aout())
-    table = read(p, p.gdt, BootLayout.GDT_LIMIT + 1)
-    assert table[: len(gdt_table())] == gdt_table() and p.gdt % 8 == 0
-    assert struct.unpack_from("<Q", table, SEL_CODE32)[0] == CODE32.descriptor()
-    assert struct.unpack_from("<Q", table, SEL_DATA)[0] == DATA.descriptor()
+    state = pc_boot_state(p)
+    assert state.gdt[0] == p.gdt and p.gdt % 8 == 0
+    table = read(p, p.gdt, state.gdt[1] + 1)
+
+    def descriptor(selector: int) -> int:
+        assert selector & 7 == 0 and selector + 8 <= len(table), hex(selector)
+        return struct.unpack_from("<Q", table, selector)[0]
+
+    assert descriptor(state.cs.selector) == FLAT_CODE32
+    for seg in (state.ds, state.es, state.fs, state.gs, state.ss):
+        assert descriptor(seg.selector) == FLAT_DATA
 
 
 def test_modules_are_page_aligned_after_the_image():

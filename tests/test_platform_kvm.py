@@ -9,14 +9,19 @@ import json
 import pytest
 from vmm_cli import vmm
 
-from vmm.backends.kvm import CPUID1_ECX_TSC_DEADLINE, CPUID1_ECX_X2APIC, CPUID1_EDX_APIC, cpuid_for_vcpu
-from vmm.backends.kvm_idle import RFLAGS_IF, halted_for_good
+from vmm.backends.kvm import cpuid_for_vcpu
+from vmm.backends.kvm_idle import halted_for_good
 
 HLT = bytes.fromhex("f4")  # real mode: hlt (interrupts off: nothing can wake it)
 STI_HLT = bytes.fromhex("fbf4")  # sti; hlt: waits for an interrupt that never comes
 # mov eax, 1; cpuid; mov eax, edx; shr eax, 9; and al, 1; out 0xf4, al  (exit value = CPUID.1:EDX.APIC)
 APIC_BIT = bytes.fromhex("66b8010000000fa26689d066c1e8092401e6f4")
 EXIT_5 = bytes.fromhex("b005e6f4")  # mov al, 5; out 0xf4, al
+# CPUID leaf 1 feature bits (Intel SDM vol. 2A, CPUID): EDX.APIC, ECX.x2APIC, ECX.TSC-deadline.
+CPUID1_EDX_APIC = 1 << 9
+CPUID1_ECX_X2APIC = 1 << 21
+CPUID1_ECX_TSC_DEADLINE = 1 << 24
+RFLAGS_IF = 1 << 9
 
 
 def run_json(*args: str) -> tuple[int, dict]:

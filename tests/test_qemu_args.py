@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from vmm.cli.run import add_run_options
 from vmm.config import parse_size
 from vmm.errors import InputError
-from vmm.qemu_args import MAX_VCPUS, answer_query, translate
+from vmm.qemu_args import answer_query, translate
 
 # kvm-unit-tests x86/run (2025): `${qemu} --no-reboot -nodefaults $pit $pc_testdev -display none
 # -serial stdio $pci_testdev -machine accel=$ACCEL$ACCEL_PROPS -kernel`, then runtime.bash's
@@ -31,6 +31,7 @@ KUT_RUN_OLD = (
     "-nodefaults -device pc-testdev -device isa-debug-exit,iobase=0xf4,iosize=0x4 -vnc none "
     "-serial stdio -device pci-testdev -machine accel=tcg -kernel"
 )
+MAX_VCPUS = 64  # README: `vmm run --vcpus` takes 1 to 64
 
 
 def run_args(cmdline: str) -> list[str]:

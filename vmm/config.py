@@ -112,6 +112,8 @@ class MachineConfig:
     append: str = ""
     modules: tuple[tuple[str, str | None], ...] = ()
     fw_cfg: tuple[str, ...] = ()
+    initrd: str | None = None
+    count_faults: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:

@@ -5,8 +5,8 @@ ExitStack on any error; devices are listed here explicitly, never registered by
 import side effects. One thread per vCPU runs the backend's loop; the main thread
 waits for the first terminal event or the timeout, then stops and kicks the rest.
 
-Images that follow PC conventions (Multiboot kernels, flat real-mode images) start the
-way a PC does: only vCPU 0 runs at the entry; the others wait in their local APIC for
+Images that follow PC conventions (Linux, Multiboot kernels, flat real-mode images) start
+the way a PC does: only vCPU 0 runs at the entry; the others wait in their local APIC for
 INIT/SIPI. The project's own ELF contract starts every vCPU at the entry.
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from vmm.backends import open_backend
@@ -28,6 +29,7 @@ from vmm.cpu.state import boot_state, pc_boot_state, write_system_tables
 from vmm.devices import Bus, Marker
 from vmm.errors import VmmError
 from vmm.loader import ImagePlan, plan_image
+from vmm.loader.linux import LinuxPlan, linux_boot_state
 from vmm.platform.devices import attach_pc_devices, load_fw_cfg_files
 from vmm.result import (
     STATUS_BROKEN_PIPE,
@@ -57,6 +59,21 @@ __all__ = [
 log = logging.getLogger("vmm.machine")
 
 JOIN_GRACE_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Block SIGINT in this thread (threads started meanwhile inherit the mask, so they never
+    take it: Python runs handlers on the main thread anyway), then restore the mask, which
+    delivers a SIGINT that arrived meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _StuckVcpus(VmmError):
@@ -102,6 +119,9 @@ class Machine:
         self._end: tuple[str, Any] | None = None  # the first terminal event: (kind, detail)
         self._outcomes: dict[int, VcpuOutcome] = {}
         self._prefault_report: Any = None
+        self._faults: Any = None  # a vmm.faults.FaultCounter with --count-faults
+        self._vcpu_tids: dict[int, int] = {}
+        self._fault_counts: list[dict[str, int]] | None = None
 
     # --- building ------------------------------------------------------------------------
     def _build(self, stack: contextlib.ExitStack) -> None:
@@ -117,6 +137,8 @@ class Machine:
             entry=cfg.entry,  # type: ignore[arg-type]
             cmdline=cfg.append,
             modules=cfg.modules,
+            initrd=cfg.initrd,
+            nr_vcpus=cfg.vcpus,
         )
         self.image = image
         fw_cfg_files = load_fw_cfg_files(cfg.fw_cfg, self.notice)
@@ -127,6 +149,8 @@ class Machine:
             backend.add_ram(gpa, size, cfg.memory)  # type: ignore[arg-type]
         if cfg.prefault and cfg.prefault != "none":
             self._prefault_report = self._prefault(backend, ram_ranges)
+        if cfg.count_faults:
+            self._faults = self._fault_counter(backend, stack)
         memory = backend.memory
         if image.pc:
             image.load(memory)  # the plan holds its own boot structures
@@ -160,7 +184,7 @@ class Machine:
             if index and pc_smp:
                 runner.park()  # an application processor: waits for INIT/SIPI
             elif image.pc:
-                runner.set_state(pc_boot_state(image))
+                runner.set_state(linux_boot_state(image) if isinstance(image, LinuxPlan) else pc_boot_state(image))
             else:
                 runner.set_state(boot_state(image.mode, image.entry, index))
         if self.before_boot is not None:
@@ -176,6 +200,16 @@ class Machine:
             threads=self.config.prefault_threads,
             progress=self.progress,
         )
+
+    def _fault_counter(self, backend: Backend, stack: contextlib.ExitStack) -> Any:
+        """A running FaultCounter, closed with the machine; vCPU threads join it as they
+        start, so pre-population and building are not counted. Imported only when asked."""
+        from vmm.errors import Unavailable
+        from vmm.faults import FaultCounter
+
+        if backend.name != "kvm":
+            raise Unavailable(f"--count-faults counts KVM's page faults; the {backend.name} backend takes none")
+        return stack.enter_context(FaultCounter())
 
     # --- events from vCPU threads (and devices) ------------------------------------------
     def _finish(self, kind: str, detail: Any) -> None:
@@ -203,6 +237,10 @@ class Machine:
     def _vcpu_thread(self, runner: VcpuRunner, remaining: list[int]) -> None:
         self.marker.bind_vcpu(runner.index)
         try:
+            if self._faults is not None:
+                tid = threading.get_native_id()
+                self._vcpu_tids[runner.index] = tid
+                self._faults.add_tid(tid)
             outcome = runner.run_loop(self.bus, self.stop)
         except VmmError as e:
             outcome = VcpuOutcome("crashed", str(e), None)
@@ -244,8 +282,11 @@ class Machine:
         timed_out = interrupted = idle = False
         run_started = time.monotonic()
         try:
-            for t in threads:
-                t.start()
+            # A Ctrl-C inside Thread.start() would leave a thread that starts after teardown
+            # released its vCPU: hold SIGINT until every thread runs (it is delivered then).
+            with _sigint_held():
+                for t in threads:
+                    t.start()
             timed_out, idle = self._wait(threads, run_started, timeout)
         except KeyboardInterrupt:
             interrupted = True
@@ -263,6 +304,9 @@ class Machine:
                 stack.pop_all()
                 raise _StuckVcpus(f"vCPU threads did not stop after the run ended: {', '.join(stuck)}")
         self.console.flush()
+        if self._faults is not None:
+            counts = self._faults.stop()
+            self._fault_counts = [counts.get(self._vcpu_tids.get(r.index, -1), {}) for r in self.vcpus]
         if self.after_run is not None:
             self.after_run(self)
         return self._result(seconds, timed_out, interrupted, idle, timeout)
@@ -331,4 +375,5 @@ class Machine:
             console_dropped=self.console.dropped,
             marks_dropped=getattr(self.marker, "dropped", 0),
             console_error=self.console.error,
+            faults=self._fault_counts,
         )

@@ -60,6 +60,7 @@ class RunResult:
     console_dropped: int = 0
     marks_dropped: int = 0
     console_error: str | None = None
+    faults: list[dict[str, int]] | None = None  # --count-faults: per vCPU, by event and "faults"
 
     @property
     def total_exits(self) -> int:
@@ -76,6 +77,8 @@ class RunResult:
             line += f"; {self.console_dropped} console bytes beyond {CONSOLE_LIMIT >> 20} MiB not kept"
         if self.marks_dropped:
             line += f"; {self.marks_dropped} marks dropped"
+        if self.faults is not None:
+            line += "; KVM page faults per vCPU: " + ", ".join(str(f.get("faults", 0)) for f in self.faults)
         return line
 
     def to_json(self) -> dict[str, Any]:
@@ -105,6 +108,8 @@ class RunResult:
             }
         if self.prefault is not None:
             out["prefault"] = self.prefault.to_json()
+        if self.faults is not None:
+            out["faults"] = self.faults
         return out
 
 

@@ -45,7 +45,13 @@ def _on_off(text: str) -> bool:
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
     """The options of ``vmm run`` (also what ``vmm qemu`` maps onto)."""
-    run.add_argument("image", help="guest image: Multiboot kernel, ELF32/ELF64 executable or flat binary")
+    run.add_argument(
+        "image",
+        nargs="?",
+        help="guest image: Linux bzImage or PVH vmlinux, Multiboot kernel, ELF32/ELF64 executable or flat binary",
+    )
+    run.add_argument("--kernel", metavar="FILE", help="the same as IMAGE (QEMU's and Firecracker's name for it)")
+    run.add_argument("--initrd", metavar="FILE", help="Linux: the initramfs")
     run.add_argument(
         "--mem", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M, 1G (bare number: MiB; default 64M)"
     )
@@ -58,7 +64,12 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--arg", type=_arg, action="append", default=[], metavar="KEY=VALUE", help="boot argument (repeatable)"
     )
-    run.add_argument("--append", default="", metavar="TEXT", help="Multiboot: the kernel command line")
+    run.add_argument(
+        "--append",
+        default="",
+        metavar="TEXT",
+        help="the kernel command line (Linux: after 'console=ttyS0 reboot=k panic=-1'; Multiboot: after the image)",
+    )
     run.add_argument(
         "--module",
         type=_module,
@@ -105,6 +116,11 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         help="populate guest RAM before boot: auto (default if no value), kernel, map-memory, emulated, host, none",
     )
     run.add_argument("--threads", metavar="N", help="threads for --prefault (default: one per host CPU)")
+    run.add_argument(
+        "--count-faults",
+        action="store_true",
+        help="KVM: count the stage-2/shadow page faults each vCPU takes (tracefs); in the summary and --json",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the console")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging and registers on a crash")
@@ -125,10 +141,14 @@ def add_parser(sub: Any) -> None:
 def config_from(ns: argparse.Namespace) -> MachineConfig:
     """The MachineConfig the parsed options describe (validated: InputError if not)."""
     from vmm.config import parse_count
+    from vmm.errors import InputError
 
     threads = None if ns.threads is None else parse_count(ns.threads, "--threads", 1, 4096)
+    if (ns.image is None) == (ns.kernel is None):
+        raise InputError("give the image once: as IMAGE or as --kernel FILE")
     return MachineConfig(
-        image=ns.image,
+        image=ns.image if ns.kernel is None else ns.kernel,
+        initrd=ns.initrd,
         mem=ns.mem,
         vcpus=ns.vcpus,
         mode=ns.mode,
@@ -145,6 +165,7 @@ def config_from(ns: argparse.Namespace) -> MachineConfig:
         append=ns.append,
         modules=tuple(ns.module),
         fw_cfg=tuple(ns.fw_cfg),
+        count_faults=ns.count_faults,
     )
 
 

@@ -146,13 +146,18 @@ def plan_image(
     entry: int | None = None,
     cmdline: str = "",
     modules: Sequence[tuple[str, str | None]] = (),
+    initrd: str | None = None,
+    nr_vcpus: int = 1,
 ) -> ImagePlan:
     """Read and check ``path`` for guest RAM ``ram`` ((base, size) ranges).
 
-    A Multiboot header in the first 8 KiB makes it a Multiboot kernel (PC conventions:
-    ``cmdline`` and ``modules`` ((path, string or None for the path)) go to its info
-    block). Otherwise ``mode`` overrides the image's own choice (ELF class, or a ``VMM``
-    note), ``load_addr`` applies to flat binaries, ``entry`` overrides the entry point."""
+    A Linux bzImage (the "HdrS" setup header) or an uncompressed vmlinux with a PVH entry
+    note boots by the Linux boot protocol: ``cmdline`` after :data:`LINUX_CMDLINE`, ``initrd``
+    (or a single module, as QEMU's ``-initrd``) as its initramfs. A Multiboot header in the
+    first 8 KiB makes it a Multiboot kernel (``cmdline`` and ``modules`` ((path, string or
+    None for the path)) go to its info block). Both follow PC conventions. Otherwise
+    ``mode`` overrides the image's own choice (ELF class, or a ``VMM`` note), ``load_addr``
+    applies to flat binaries, ``entry`` overrides the entry point."""
     from vmm.loader.elf import ELF_MAGIC, plan_elf
     from vmm.loader.flat import plan_flat
     from vmm.loader.multiboot import find_header, plan_multiboot
@@ -160,6 +165,11 @@ def plan_image(
     name = str(path)
     limit = sum(size for _, size in ram)
     data = read_image(path, max_size=limit)
+    linux = _plan_linux(name, data, ram, mode, load_addr, cmdline, modules, initrd, nr_vcpus, limit)
+    if linux is not None:
+        return linux if entry is None else replace(linux, entry=entry)
+    if initrd is not None:
+        raise InputError(f"{name}: --initrd is for Linux kernels; this is not a bzImage or a PVH vmlinux")
     header = find_header(data, path=name)
     if header is not None:
         for option, value in (("--mode", mode), ("--load-addr", load_addr)):
@@ -178,6 +188,47 @@ def plan_image(
             raise InputError(f"{path}: --load-addr is for flat binaries; an ELF image places itself")
         return plan_elf(name, data, ram, mode=mode, entry=entry)
     return plan_flat(name, data, ram, mode=mode, load_addr=load_addr, entry=entry)
+
+
+LINUX_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+"""What a Linux guest's command line starts with (``--append`` follows): the console on
+the 16550, and a reboot or a panic as an i8042 reset, which ends the run."""
+
+
+def _plan_linux(
+    name: str,
+    data: bytes,
+    ram: Sequence[tuple[int, int]],
+    mode: CpuMode | None,
+    load_addr: int | None,
+    cmdline: str,
+    modules: Sequence[tuple[str, str | None]],
+    initrd: str | None,
+    nr_vcpus: int,
+    limit: int,
+) -> ImagePlan | None:
+    """The Linux boot plan if ``data`` is a bzImage or a PVH vmlinux, else None."""
+    from vmm.loader.pvh import plan_pvh, pvh_entry
+    from vmm.platform.zeropage import is_bzimage
+
+    bzimage = is_bzimage(data)
+    if not bzimage and (data[:4] != b"\x7fELF" or pvh_entry(name, data) is None):
+        return None
+    for option, value in (("--mode", mode), ("--load-addr", load_addr)):
+        if value is not None:
+            raise InputError(f"{name}: {option} does not apply to a Linux kernel, which places itself")
+    if initrd is not None and modules:
+        raise InputError(f"{name}: give the initramfs once: --initrd or a single --module")
+    if len(modules) > 1:
+        raise InputError(f"{name}: a Linux kernel takes one initramfs, not {len(modules)} modules")
+    source = initrd if initrd is not None else (modules[0][0] if modules else None)
+    ramdisk = None if source is None else (source, read_image(source, max_size=limit))
+    line = f"{LINUX_CMDLINE} {cmdline}".strip()
+    if bzimage:
+        from vmm.loader.linux import plan_linux
+
+        return plan_linux(name, data, ram, cmdline=line, initrd=ramdisk, nr_vcpus=nr_vcpus)
+    return plan_pvh(name, data, ram, cmdline=line, initrd=ramdisk, nr_vcpus=nr_vcpus)
 
 
 def load_image(
