@@ -122,3 +122,27 @@ def test_mmio_dispatch_gives_offsets():
     out = mv(b"\0")
     bus.mmio_read(0xFEE00020, out)
     assert seen == [(0x10, b"\x01\x02")] and out[0] == 0x20
+
+
+def test_serial_transmit_empty_interrupt_follows_qemus_rules():
+    levels: list[int] = []
+    uart = Serial16550(lambda b: None, irq=levels.append)
+    iir = memoryview(bytearray(1))
+
+    def write(offset: int, value: int) -> None:
+        uart.write(offset, memoryview(bytes([value])))
+
+    def read_iir() -> int:
+        uart.read(2, iir)
+        return iir[0]
+
+    write(0, ord("a"))  # THR empties at once, but the interrupt is not enabled
+    assert levels == [] and read_iir() == 0x01
+    write(1, 0x02)  # enabling it with THR empty raises it
+    assert levels == [1]
+    assert read_iir() == 0x02 and levels == [1, 0]  # the IIR read that reports it clears it
+    assert read_iir() == 0x01
+    write(0, ord("b"))  # every transmitted byte raises it again
+    assert levels == [1, 0, 1]
+    write(1, 0x00)  # disabling it lowers the line
+    assert levels == [1, 0, 1, 0]

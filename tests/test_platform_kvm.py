@@ -97,3 +97,13 @@ def test_application_processors_nobody_starts_do_not_delay_the_end(tmp_path, irq
     # only the BSP ran: the APs of a PC-convention image wait for INIT/SIPI
     assert result["exits"][0]["io"] == 1
     assert all(e["io"] == 0 for e in result["exits"][1:])
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("irqchip", ["on", "off"])
+def test_a_console_with_its_transmit_interrupt_enabled_drives_irq_4(tmp_path, irqchip):
+    # mov dx, 0x3f9; mov al, 2; out dx, al (IER: THRI); mov dx, 0x3f8; mov al, 'k'; out dx, al;
+    # xor al, al; out 0xf4, al. The UART raises and lowers IRQ 4 through KVM_IRQ_LINE.
+    code = bytes.fromhex("baf903b002eebaf803b06bee30c0e6f4")
+    status, result = run_json(image(tmp_path, "thri.bin", code), "--irqchip", irqchip)
+    assert status == 1 and result["console"] == "k", result["reason"]

@@ -176,6 +176,7 @@ class Machine:
             ram_size=cfg.mem_bytes,
             nr_vcpus=cfg.vcpus,
             fw_cfg_files=fw_cfg_files,
+            interrupt_line=getattr(backend, "interrupt_line", None),
         )
         pc_smp = image.pc or image.mode is CpuMode.REAL
         for index in range(cfg.vcpus):

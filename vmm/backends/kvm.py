@@ -305,6 +305,14 @@ class KvmBackend:
         self.vm.create_irqchip()
         self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
 
+    def interrupt_line(self, irq: int) -> Callable[[int], None] | None:
+        """``set(level)`` for ISA interrupt ``irq`` of the in-kernel PIC and IOAPIC
+        (KVM_IRQ_LINE, through KVM's default GSI routing); None without an irqchip."""
+        if not self.irqchip:
+            return None
+        vm = self.vm
+        return lambda level: vm.irq_line(irq, level)
+
     def idle_watch(self, runners: list[KvmVcpuRunner]) -> IdleWatch | None:
         """With the in-kernel irqchip HLT does not exit: a watch that tells when every vCPU
         has halted for good. None without it (HLT exits, and ends the loop, by itself)."""

@@ -3,7 +3,7 @@
 =============  =====================================================================
 port(s)        device
 =============  =====================================================================
-0x3f8-0x3ff    COM1, a 16550 UART: the console
+0x3f8-0x3ff    COM1, a 16550 UART: the console (IRQ 4)
 0xf4-0xf7      the exit port (QEMU's isa-debug-exit, iosize 1, 2 or 4)
 0x80           POST code latch
 0x500-0x503    the marker port (the project's own: guests timestamp events)
@@ -30,6 +30,8 @@ from vmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from vmm.devices.marker import MARK_PORT
 from vmm.devices.post import POST_PORT
 from vmm.devices.serial import COM1
+
+COM1_IRQ = 4
 from vmm.devices.sysctl import PORT_A, PORT_B, SystemControlA, SystemControlB
 from vmm.memory import GuestMemory
 from vmm.platform.fw_cfg import fw_cfg_items, parse_fw_cfg_options
@@ -57,9 +59,12 @@ def attach_pc_devices(
     ram_size: int,
     nr_vcpus: int,
     fw_cfg_files: Sequence[tuple[str, bytes]] = (),
+    interrupt_line: Callable[[int], Callable[[int], None] | None] | None = None,
 ) -> None:
-    """Register every legacy device on ``bus``."""
-    bus.register_pio(COM1, Serial16550.WIDTH, Serial16550(console))
+    """Register every legacy device on ``bus``. ``interrupt_line(irq)`` gives a device its
+    ISA interrupt line (the backend's; None where there is no interrupt controller)."""
+    line = interrupt_line or (lambda irq: None)
+    bus.register_pio(COM1, Serial16550.WIDTH, Serial16550(console, irq=line(COM1_IRQ)))
     bus.register_pio(EXIT_PORT, ExitPort.WIDTH, ExitPort(request_exit))
     bus.register_pio(POST_PORT, 1, PostCode())
     bus.register_pio(MARK_PORT, Marker.WIDTH, marker)
