@@ -30,12 +30,12 @@ from vmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from vmm.devices.marker import MARK_PORT
 from vmm.devices.post import POST_PORT
 from vmm.devices.serial import COM1
-
-COM1_IRQ = 4
 from vmm.devices.sysctl import PORT_A, PORT_B, SystemControlA, SystemControlB
 from vmm.memory import GuestMemory
 from vmm.platform.fw_cfg import fw_cfg_items, parse_fw_cfg_options
 from vmm.platform.fw_cfg import load_fw_cfg_files as _load
+
+COM1_IRQ = 4
 
 
 def load_fw_cfg_files(options: Sequence[str], warn: Callable[[str], None]) -> list[tuple[str, bytes]]:
