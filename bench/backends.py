@@ -68,7 +68,7 @@ def run_guest(guest: Guest, backend: str) -> float:
 
     options = {"mem": "16M", "timeout": 60.0, **guest.options}
     try:
-        config = MachineConfig(image=str(GUESTS / guest.image), backend=backend, **options)
+        config = MachineConfig.parse(image=str(GUESTS / guest.image), backend=backend, **options)
         started = time.perf_counter()
         result = Machine(config).run()
         seconds = time.perf_counter() - started
@@ -84,7 +84,7 @@ def run_pio_loop(mode: str, count: int, backend: str) -> float:
     from vmm import Machine, MachineConfig, VmmError
 
     try:
-        config = MachineConfig(
+        config = MachineConfig.parse(
             image=str(GUESTS / "pio-loop64.elf"),
             mode=mode,
             args={"count": str(count)},

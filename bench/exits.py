@@ -77,7 +77,7 @@ def run_python(mode: str, count: int) -> Sample:
     from vmm import Machine, MachineConfig, VmmError
 
     try:
-        config = MachineConfig(image=str(IMAGE), args={"count": str(count)}, mode=mode, backend="kvm")
+        config = MachineConfig.parse(image=str(IMAGE), args={"count": str(count)}, mode=mode, backend="kvm")
         result = Machine(config).run(timeout=_timeout(count))
     except VmmError as e:
         raise BenchError(f"Python VMM ({mode}, count={count}): {e}") from None

@@ -57,7 +57,7 @@ def thp_mode() -> str:
 
 def measure(mem: int, backing: str, strategy: str) -> dict[str, Any]:
     """One run: the counts before the first pass and in each pass, and what prefault did."""
-    config = MachineConfig(
+    config = MachineConfig.parse(
         image=IMAGE, mem=mem, args={"passes": "2"}, memory=backing, prefault=strategy, backend="kvm", timeout=TIMEOUT
     )
     try:

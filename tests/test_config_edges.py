@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from vmm_cli import vmm
 
 from vmm.config import MachineConfig, parse_count, parse_number, parse_size, parse_timeout
+from vmm.cpu.layout import CpuMode
 from vmm.errors import InputError
 from vmm.machine import Machine
+from vmm.memory import Backing
 
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e400", "1e10", "9223372037", "-1", "\u0663", "", "1s"])
@@ -23,7 +27,7 @@ def test_sane_timeouts_are_taken(text, seconds):
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e400, -1.0])
 def test_machine_run_refuses_an_impossible_timeout_before_building(guest, value):
-    machine = Machine(MachineConfig(image=guest("hello64.elf"), backend="emulator"))
+    machine = Machine(MachineConfig.parse(image=guest("hello64.elf"), backend="emulator"))
     with pytest.raises(InputError, match="timeout"):
         machine.run(timeout=value)
     assert machine.backend is None  # refused before any fd or mapping existed
@@ -77,8 +81,17 @@ def test_teardown_waits_for_running_vcpus_whatever_raised(guest, vmm_backend, mo
         raise RuntimeError("failure while the guest runs")
 
     monkeypatch.setattr(Machine, "_wait", broken_wait)
-    machine = Machine(MachineConfig(image=guest("spin64.elf"), mem="16M", backend=vmm_backend))
+    machine = Machine(MachineConfig.parse(image=guest("spin64.elf"), mem="16M", backend=vmm_backend))
     with pytest.raises(RuntimeError, match="while the guest runs"):
         machine.run(timeout=30)
     assert not [t for t in threading.enumerate() if t.name.startswith("vcpu-")]
     assert machine.backend is not None and machine.stop.requested
+
+
+def test_the_dataclass_takes_exact_types_and_parse_takes_what_users_type(guest):
+    with pytest.raises(InputError, match=r"MachineConfig.mem = '64M' is not of its type .*parse"):
+        MachineConfig(image=guest("hello64.elf"), mem="64M")  # type: ignore[arg-type]
+    config = MachineConfig.parse(guest("hello64.elf"), mem="16M", vcpus="2", mode="long", entry="0x100000")
+    assert (config.mem, config.vcpus, config.entry) == (16 << 20, 2, 0x100000)
+    assert config.mode is CpuMode.LONG and config.memory is Backing.THP
+    assert MachineConfig(image=config.image, mem=16 << 20, vcpus=2, mode=CpuMode.LONG) == replace(config, entry=None)

@@ -61,7 +61,7 @@ def our_instances(tracefs: Path) -> list[str]:
 def run_memtouch(mem: str, passes: int, prefault: str = "none") -> tuple[int, dict[int, dict[str, int]], FaultCounter]:
     """memtouch on KVM with a thread counter joined by its vCPU at the first mark:
     (pages touched per pass, counts per pass, the counter)."""
-    config = MachineConfig(
+    config = MachineConfig.parse(
         image=MEMTOUCH, mem=mem, args={"passes": str(passes)}, memory="anon", backend="kvm", prefault=prefault
     )
     with FaultCounter() as counter:
@@ -107,7 +107,7 @@ def test_first_touch_takes_a_fault_per_page_and_the_second_pass_almost_none(trac
 
 @pytest.mark.kvm
 def test_the_whole_run_counted_by_process_includes_the_first_pass(tracefs: Path) -> None:
-    config = MachineConfig(image=MEMTOUCH, mem="16M", args={"passes": "1"}, memory="anon", backend="kvm")
+    config = MachineConfig.parse(image=MEMTOUCH, mem="16M", args={"passes": "1"}, memory="anon", backend="kvm")
     with FaultCounter(pid=os.getpid()) as counter:
         result = Machine(config).run(timeout=120)
     assert result.status == 1, result.reason
@@ -127,7 +127,7 @@ CHILD = textwrap.dedent(
     from vmm.config import MachineConfig
     from vmm.faults import FaultCounter
     from vmm.machine import Machine
-    config = MachineConfig(image=sys.argv[1], mem=sys.argv[2], args={"passes": "1"}, memory="anon", backend="kvm")
+    config = MachineConfig.parse(image=sys.argv[1], mem=sys.argv[2], args={"passes": "1"}, memory="anon", backend="kvm")
     with FaultCounter(pid=os.getpid()) as counter:
         print("ready", flush=True)
         sys.stdin.readline()

@@ -223,7 +223,7 @@ def test_host_data_reaches_the_guest_and_punched_pages_read_zero_on_both_sides()
         backend.vm.discard(*hole)
         after["hole"] = backend.memory.read(*hole)
 
-    config = MachineConfig(
+    config = MachineConfig.parse(
         image=str(ROOT / "guests/readpages64.elf"),
         mem="8M",
         memory="guest-memfd",
@@ -246,7 +246,7 @@ def test_guest_writes_are_visible_to_the_host_through_the_mapping():
         for gpa in range(4 * MiB, 8 * MiB, 64 * PAGE):
             seen[gpa] = machine.backend.memory.read_u64(gpa)
 
-    config = MachineConfig(
+    config = MachineConfig.parse(
         image=str(ROOT / "guests/memtouch64.elf"),
         mem="8M",
         memory="guest-memfd",

@@ -45,7 +45,7 @@ def test_the_kvm_backend_reports_a_failing_kvm_run_as_a_crash(guest):
         for runner in machine.vcpus:
             runner.vcpu.run_struct.kvm_valid_regs = INVALID_SYNC_REGS  # type: ignore[attr-defined]
 
-    config = MachineConfig(image=guest("hello64.elf"), mem="16M", backend="kvm")
+    config = MachineConfig.parse(image=guest("hello64.elf"), mem="16M", backend="kvm")
     result = Machine(config, before_boot=break_sync_regs).run(timeout=60)
     assert result.status == 4, result.reason
     assert result.crash is not None and "KVM_RUN failed on vcpu0: EINVAL" in result.crash.detail
@@ -81,7 +81,7 @@ def test_abi_mode_machine_off_the_main_thread_is_a_clear_error_not_a_death():
         outcome = []
 
         def run():
-            config = MachineConfig(image="guests/spin64.elf", mem="16M", backend="kvm")
+            config = MachineConfig.parse(image="guests/spin64.elf", mem="16M", backend="kvm")
             try:
                 outcome.append(Machine(config).run(timeout=1).status)
             except ConfigError as e:
@@ -107,7 +107,7 @@ def test_abi_mode_machine_on_the_main_thread_runs_and_is_stopped_by_the_timeout(
         from vmm import Machine, MachineConfig
 
         assert not kvm_abi.COMPILED
-        print(Machine(MachineConfig(image="guests/spin64.elf", mem="16M", backend="kvm")).run(timeout=1).status)
+        print(Machine(MachineConfig.parse(image="guests/spin64.elf", mem="16M", backend="kvm")).run(timeout=1).status)
         """
     )
     assert proc.returncode == 0, proc.stderr

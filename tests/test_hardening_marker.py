@@ -73,7 +73,7 @@ def flood_image() -> bytes:
 def test_a_guest_flooding_the_marker_port_is_bounded_and_reported(tmp_path, backend):
     image = tmp_path / "flood.bin"
     image.write_bytes(flood_image())
-    config = MachineConfig(image=str(image), mem="16M", mode="long", backend=backend)
+    config = MachineConfig.parse(image=str(image), mem="16M", mode="long", backend=backend)
     result = Machine(config).run(timeout=300)
     assert result.status == 1, result.reason
     assert len(result.marks) == MAX_MARKS

@@ -444,7 +444,7 @@ def test_guest_reads_every_page_after_the_three_calls(case):
         for undo in t.cleanup:
             undo()
 
-    config = MachineConfig(
+    config = MachineConfig.parse(
         image=str(GUESTS / "readpages64.elf"),
         mem=BASE + TEST_SIZE,
         backend=backend_name,
@@ -477,7 +477,7 @@ def test_guest_writes_after_prefault_reach_the_host(case):
             gpa = BASE + page * PAGE
             seen[gpa] = machine.backend.memory.read_u64(gpa)
 
-    config = MachineConfig(
+    config = MachineConfig.parse(
         image=str(GUESTS / "memtouch64.elf"),
         mem=BASE + TEST_SIZE,
         backend=backend_name,

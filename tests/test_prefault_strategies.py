@@ -303,7 +303,7 @@ def test_map_memory_source_contents_reach_the_guest():
             return None
 
     try:
-        config = MachineConfig(
+        config = MachineConfig.parse(
             image=str(GUESTS / "readpages64.elf"),
             mem="8M",
             prefault="emulated",
@@ -336,7 +336,9 @@ def test_map_memory_driver_reports_where_it_stopped():
 @pytest.mark.lab
 @pytest.mark.kvm
 def test_machine_reports_ram_resident_before_the_guest_starts():
-    config = MachineConfig(image=str(GUESTS / "memtouch64.elf"), mem="64M", prefault="auto", backend="kvm", timeout=30)
+    config = MachineConfig.parse(
+        image=str(GUESTS / "memtouch64.elf"), mem="64M", prefault="auto", backend="kvm", timeout=30
+    )
     result = Machine(config).run()
     assert result.status == 1, result.reason
     report = result.to_json()["prefault"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from vmm.bootinfo import encode_args
 from vmm.cpu.layout import BootLayout, CpuMode
@@ -84,6 +86,16 @@ def parse_timeout(text: str | float | None) -> float | None:
     return value
 
 
+def parse_mode(text: CpuMode | str | None) -> CpuMode | None:
+    """``"long"`` -> CpuMode.LONG; InputError naming the choices otherwise."""
+    if text is None or isinstance(text, CpuMode):
+        return text
+    try:
+        return CpuMode(text)
+    except ValueError:
+        raise InputError(f"unknown mode {text!r} (choose from {', '.join(m.value for m in CpuMode)})") from None
+
+
 def host_memory_bytes() -> int:
     """Physical RAM of this host (psutil)."""
     import psutil
@@ -93,19 +105,21 @@ def host_memory_bytes() -> int:
 
 @dataclass(frozen=True)
 class MachineConfig:
-    """A machine to build and run. Sizes may be given as strings ("64M")."""
+    """A machine to build and run, in exact types: bytes, enums, seconds. Validated when
+    made (InputError for anything impossible, before any resource is taken).
+    :meth:`parse` takes what a user types ("64M", "0x100000", "long", "thp", "2.5")."""
 
     image: str
-    mem: int | str = "64M"
+    mem: int = 64 << 20
     vcpus: int = 1
-    mode: CpuMode | str | None = None
-    load_addr: int | str | None = None
-    entry: int | str | None = None
-    args: Mapping[str, str] = field(default_factory=dict)
+    mode: CpuMode | None = None
+    load_addr: int | None = None
+    entry: int | None = None
+    args: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     timeout: float | None = DEFAULT_TIMEOUT
     strict: bool = False
     backend: str = "auto"
-    memory: Backing | str = DEFAULT_BACKING
+    memory: Backing = DEFAULT_BACKING
     prefault: str | None = None
     prefault_threads: int | None = None
     irqchip: bool = True
@@ -116,33 +130,81 @@ class MachineConfig:
     count_faults: bool = False
 
     def __post_init__(self) -> None:
-        def put(name: str, value: object) -> None:
-            object.__setattr__(self, name, value)
-
-        put("image", str(self.image))
-        put("mem", parse_size(self.mem))
-        if self.mode is not None:
-            try:
-                put("mode", CpuMode(self.mode))
-            except ValueError:
-                raise InputError(
-                    f"unknown mode {self.mode!r} (choose from {', '.join(m.value for m in CpuMode)})"
-                ) from None
-        if self.load_addr is not None:
-            put("load_addr", parse_number(self.load_addr, "load address"))
-        if self.entry is not None:
-            put("entry", parse_number(self.entry, "entry address"))
-        put("args", MappingProxyType(dict(self.args)))
-        put("timeout", parse_timeout(self.timeout))
-        put("vcpus", parse_count(self.vcpus, "--vcpus", 1, BootLayout.MAX_VCPUS))
-        put("modules", tuple((str(path), None if text is None else str(text)) for path, text in self.modules))
-        put("fw_cfg", tuple(str(option) for option in self.fw_cfg))
-        put("memory", parse_backing(self.memory))
         self.validate()
+
+    @classmethod
+    def parse(
+        cls,
+        image: str | os.PathLike[str],
+        *,
+        mem: int | str = "64M",
+        vcpus: int | str = 1,
+        mode: CpuMode | str | None = None,
+        load_addr: int | str | None = None,
+        entry: int | str | None = None,
+        args: Mapping[str, str] | None = None,
+        timeout: float | str | None = DEFAULT_TIMEOUT,
+        memory: Backing | str = DEFAULT_BACKING,
+        prefault_threads: int | str | None = None,
+        modules: Iterable[tuple[str | os.PathLike[str], str | None]] = (),
+        fw_cfg: Iterable[str] = (),
+        initrd: str | os.PathLike[str] | None = None,
+        **exact: Any,
+    ) -> MachineConfig:
+        """A config from user-style values (sizes with suffixes, numbers as text, names);
+        the other fields (``strict``, ``backend``, ``prefault``, ``irqchip``, ``append``,
+        ``count_faults``) as the dataclass takes them. InputError naming what is wrong."""
+        return cls(
+            image=os.fspath(image),
+            mem=parse_size(mem),
+            vcpus=parse_count(vcpus, "--vcpus", 1, BootLayout.MAX_VCPUS),
+            mode=parse_mode(mode),
+            load_addr=None if load_addr is None else parse_number(load_addr, "load address"),
+            entry=None if entry is None else parse_number(entry, "entry address"),
+            args=MappingProxyType(dict(args or {})),
+            timeout=parse_timeout(timeout),
+            memory=parse_backing(memory),
+            prefault_threads=None if prefault_threads is None else parse_count(prefault_threads, "--threads", 1, 4096),
+            modules=tuple((os.fspath(path), text) for path, text in modules),
+            fw_cfg=tuple(fw_cfg),
+            initrd=None if initrd is None else os.fspath(initrd),
+            **exact,
+        )
+
+    def _check_types(self) -> None:
+        """The fields' exact types (a str where bytes belong is a mistake, not a size)."""
+        expected: dict[str, tuple[type, ...]] = {
+            "image": (str,),
+            "mem": (int,),
+            "vcpus": (int,),
+            "mode": (CpuMode, type(None)),
+            "load_addr": (int, type(None)),
+            "entry": (int, type(None)),
+            "timeout": (int, float, type(None)),
+            "memory": (Backing,),
+            "prefault_threads": (int, type(None)),
+            "append": (str,),
+            "modules": (tuple,),
+            "fw_cfg": (tuple,),
+            "initrd": (str, type(None)),
+        }
+        for name, types in expected.items():
+            value = getattr(self, name)
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise InputError(
+                    f"MachineConfig.{name} = {value!r} is not of its type "
+                    f"({' or '.join(t.__name__ for t in types)}); MachineConfig.parse() takes user-style values"
+                )
 
     def validate(self) -> None:
         """InputError for anything impossible, before any resource is taken."""
-        mem = int(self.mem)
+        self._check_types()
+        parse_timeout(self.timeout)  # finite, in range
+        if self.load_addr is not None:
+            parse_number(self.load_addr, "load address")
+        if self.entry is not None:
+            parse_number(self.entry, "entry address")
+        mem = self.mem
         if mem <= 0:
             raise InputError("--mem must be more than 0")
         if mem % 4096:
@@ -170,7 +232,8 @@ class MachineConfig:
 
     @property
     def mem_bytes(self) -> int:
-        return int(self.mem)
+        """Guest RAM in bytes (``mem``)."""
+        return self.mem
 
 
 def _human(n: int) -> str:

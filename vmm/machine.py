@@ -132,9 +132,9 @@ class Machine:
         image = plan_image(
             cfg.image,
             ram_ranges,
-            mode=CpuMode(cfg.mode) if cfg.mode else None,
-            load_addr=cfg.load_addr,  # type: ignore[arg-type]
-            entry=cfg.entry,  # type: ignore[arg-type]
+            mode=cfg.mode,
+            load_addr=cfg.load_addr,
+            entry=cfg.entry,
             cmdline=cfg.append,
             modules=cfg.modules,
             initrd=cfg.initrd,
@@ -146,7 +146,7 @@ class Machine:
         stack.callback(backend.close)
         self.backend = backend
         for gpa, size in ram_ranges:
-            backend.add_ram(gpa, size, cfg.memory)  # type: ignore[arg-type]
+            backend.add_ram(gpa, size, cfg.memory)
         if cfg.prefault and cfg.prefault != "none":
             self._prefault_report = self._prefault(backend, ram_ranges)
         if cfg.count_faults:

@@ -221,7 +221,9 @@ def machine_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
     ) -> Any:
         options.setdefault("backend", default_backend)
         options.setdefault("timeout", 30)
-        machine = Machine(MachineConfig(image=str(image), **options), before_boot=before_boot, after_run=after_run)
+        machine = Machine(
+            MachineConfig.parse(image=str(image), **options), before_boot=before_boot, after_run=after_run
+        )
         return machine.run()
 
     return factory

@@ -94,7 +94,7 @@ def measure(
     """Run memtouch (two passes) on a fresh machine pre-populated with ``strategy``."""
     from vmm.machine import Machine
 
-    config = MachineConfig(
+    config = MachineConfig.parse(
         image=image or default_image(),
         mem=mem,
         memory=memory,

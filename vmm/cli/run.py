@@ -140,14 +140,12 @@ def add_parser(sub: Any) -> None:
 
 def config_from(ns: argparse.Namespace) -> MachineConfig:
     """The MachineConfig the parsed options describe (validated: InputError if not)."""
-    from vmm.config import parse_count
     from vmm.errors import InputError
 
-    threads = None if ns.threads is None else parse_count(ns.threads, "--threads", 1, 4096)
     if (ns.image is None) == (ns.kernel is None):
         raise InputError("give the image once: as IMAGE or as --kernel FILE")
-    return MachineConfig(
-        image=ns.image if ns.kernel is None else ns.kernel,
+    return MachineConfig.parse(
+        ns.image if ns.kernel is None else ns.kernel,
         initrd=ns.initrd,
         mem=ns.mem,
         vcpus=ns.vcpus,
@@ -160,7 +158,7 @@ def config_from(ns: argparse.Namespace) -> MachineConfig:
         backend=ns.backend,
         memory=ns.memory,
         prefault=ns.prefault,
-        prefault_threads=threads,
+        prefault_threads=ns.threads,
         irqchip=ns.irqchip,
         append=ns.append,
         modules=tuple(ns.module),
