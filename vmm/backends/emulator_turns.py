@@ -22,8 +22,8 @@ class Member(Protocol):
 class Turns:
     """Round-robin turns among the vCPUs of one machine: at most one executes guest code
     at a time. A vCPU that has waited a quantum asks the running one to yield (it does so
-    at its next translation block, a precise point), and a vCPU giving up its turn goes
-    to the back of the queue."""
+    at its next translation block, a precise point, through its block gate), and a vCPU
+    giving up its turn goes to the back of the queue."""
 
     __slots__ = ("_cond", "_owner", "_queue", "members")
 
