@@ -16,15 +16,16 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kvm_abi import constants
 from kvm_abi._ffi import COMPILED, ffi, lib
 from kvm_abi.constants import *  # noqa: F403  (the constants are part of this package's API)
-from kvm_abi.constants import ExitReason
-from kvm_abi.errors import KvmError
+from kvm_abi.constants import PIO_DATA_OFFSET, ExitReason
+from kvm_abi.errors import KvmError, errno_name
 from kvm_abi.ioc import *  # noqa: F403
-from kvm_abi.ioc import ALL_IOCTLS, Ioctl, ioc
+from kvm_abi.ioc import ALL_IOCTLS, KVM_RUN, Ioctl, ioc
 
 __all__ = [
     "ALL_IOCTLS",
@@ -34,7 +35,8 @@ __all__ = [
     "Ioctl",
     "KvmError",
     "constants",
-    "fast_io_code",
+    "errno_name",
+    "fast_io_fields",
     "ffi",
     "install_kick_handler",
     "ioc",
@@ -75,35 +77,47 @@ def ioctl(fd: int, op: Ioctl, arg: Any = 0, *, target: str = "", detail: str = "
     return rc
 
 
+# run_vcpu's result for a single port access with its data in the PIO page: this bit, the
+# direction and size in a byte each, the port in the low 16 bits (below 2**32, so no exit
+# reason and no -errno looks like one).
 FAST_IO = 1 << 32
 """``run_vcpu`` result bit: one port access whose data sits in the PIO page."""
-PIO_DATA_OFFSET = 4096  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: where x86 KVM puts port data
+_DIRECTION_SHIFT, _SIZE_SHIFT = 24, 16
+_IO_REASON = int(ExitReason.IO)
+_KVM_RUN_NUMBER = KVM_RUN.number
 
 
-def fast_io_code(direction: int, size: int, port: int) -> int:
-    """The ``run_vcpu`` result for one ``size``-byte access to ``port`` (KVM_EXIT_IO_IN/OUT)."""
-    return FAST_IO | direction << 24 | size << 16 | port
+def fast_io_fields(code: int) -> tuple[int, int, int]:
+    """``(direction, size, port)`` of a ``run_vcpu`` result that has :data:`FAST_IO` set;
+    direction is KVM_EXIT_IO_IN or KVM_EXIT_IO_OUT, the data is ``size`` bytes at
+    :data:`PIO_DATA_OFFSET` of the vCPU's mapping."""
+    return (code >> _DIRECTION_SHIFT) & 0xFF, (code >> _SIZE_SHIFT) & 0xFF, code & 0xFFFF
 
 
+def _run_vcpu_abi(fd: int, run: Any) -> int:
+    """``run_vcpu`` in Python, for ABI mode: the same results as ``vmm_run_vcpu`` in
+    ``_cdefs.FAST_PATH``, from the same constants."""
+    if _ioctl_int(fd, _KVM_RUN_NUMBER, 0) < 0:
+        return -int(ffi.errno)
+    reason: int = run.exit_reason
+    if reason == _IO_REASON:
+        io = run.io
+        if io.count == 1 and io.data_offset == PIO_DATA_OFFSET:
+            code: int = FAST_IO | io.direction << _DIRECTION_SHIFT | io.size << _SIZE_SHIFT | io.port
+            return code
+    return reason
+
+
+run_vcpu: Callable[[int, Any], int]
+"""KVM_RUN for the hot path: -errno; a :data:`FAST_IO` code (:func:`fast_io_fields`) for a
+single port access with its data in the PIO page; otherwise the exit reason. No exception,
+no allocation. C in the compiled module, ``_run_vcpu_abi`` in ABI mode."""
 if COMPILED:
+    # The C function hard-codes none of these numbers: it gets them from the tables, once.
+    lib.vmm_fast_path_init(_KVM_RUN_NUMBER, _IO_REASON, PIO_DATA_OFFSET, FAST_IO, _DIRECTION_SHIFT, _SIZE_SHIFT)
     run_vcpu = lib.vmm_run_vcpu
 else:
-    _IO_REASON = int(ExitReason.IO)
-    _KVM_RUN_NUMBER = KVM_RUN.number  # noqa: F405  (the compiled run_vcpu() has it inlined)
-
-    def run_vcpu(fd: int, run: Any) -> int:
-        """KVM_RUN for the hot path: -errno; ``fast_io_code(...)`` for a single port access
-        with its data in the PIO page; otherwise the exit reason. No exception, no
-        allocation: the compiled module does this in C."""
-        if _ioctl_int(fd, _KVM_RUN_NUMBER, 0) < 0:
-            return -int(ffi.errno)
-        reason: int = run.exit_reason
-        if reason == _IO_REASON:
-            io = run.io
-            if io.count == 1 and io.data_offset == PIO_DATA_OFFSET:
-                code: int = FAST_IO | io.direction << 24 | io.size << 16 | io.port
-                return code
-        return reason
+    run_vcpu = _run_vcpu_abi
 
 
 def libc_mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:

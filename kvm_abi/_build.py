@@ -1,8 +1,11 @@
 """cffi builder for the compiled fast path, ``kvm_abi._kvm_cffi`` (API mode).
 
 Run at install time by ``setup.py``; ``python kvm_abi/_build.py`` builds it in
-place. Without it, ``kvm_abi`` falls back to ABI mode (``dlopen``), which works
-everywhere but costs ~1.5 us more per ioctl (see host-kvm.md).
+place. Everything the module is built from is in ``_cdefs.py`` (declarations and
+the whole C source); the module embeds their digest, and ``_ffi`` uses it only
+while that still matches the sources. Without it, ``kvm_abi`` falls back to ABI
+mode (``dlopen``), which works everywhere but costs ~1.5 us more per ioctl (see
+host-kvm.md).
 """
 
 import importlib.util
@@ -26,11 +29,13 @@ def _load_cdefs() -> ModuleType:
 
 _cdefs = _load_cdefs()
 ffibuilder = FFI()
-ffibuilder.cdef(_cdefs.TYPES + _cdefs.LIBC_API)
+ffibuilder.cdef(_cdefs.API_CDEF)
 ffibuilder.set_source("kvm_abi._kvm_cffi", _cdefs.API_SOURCE)
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=os.path.dirname(_HERE), verbose=False)
+    # The file name `pip install` gives it (cffi builds for the limited API): a build here
+    # must replace that one, not sit beside it under a name the import system prefers.
+    ffibuilder.compile(tmpdir=os.path.dirname(_HERE), verbose=False, target="_kvm_cffi.abi3.so")
     for leftover in ("_kvm_cffi.o",):
         path = os.path.join(_HERE, leftover)
         if os.path.exists(path):

@@ -6,6 +6,10 @@ mode see byte-identical layouts, and the system's ``linux/kvm.h`` (which may
 be older than the kernel) is never needed. Layouts follow Linux 6.12/7.2 UAPI
 headers; tests pin every size and offset against kvm-abi.md and, where the
 system header has the struct, against the C compiler.
+
+This file is the compiled module's whole input (declarations and C source, the
+functions in ``FAST_PATH``); the module embeds ``digest()`` of it, so a build
+older than any line here is refused (``_ffi.is_current``).
 """
 
 REGS = """
@@ -301,34 +305,21 @@ LIBC_API = (
 int vmm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int vmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int vmm_install_kick_handler(int signo);
+void vmm_fast_path_init(unsigned long run_request, uint32_t exit_io, uint64_t pio_data_offset,
+                        int64_t fast_io, unsigned int direction_shift, unsigned int size_shift);
 int64_t vmm_run_vcpu(int fd, struct kvm_run *run);
-const char *vmm_cdefs_digest(void);
+const char *vmm_source_digest(void);
 """
 )
 
+# What cffi is given to declare (ABI mode parses TYPES + LIBC_ABI instead).
+API_CDEF = TYPES + LIBC_API
 
-def digest() -> str:
-    """A digest of the declarations; the compiled module embeds the one it was built from,
-    so a stale build (declarations changed since) is detected and not used."""
-    import hashlib
-
-    return hashlib.sha256((TYPES + LIBC).encode()).hexdigest()[:16]
-
-
-API_SOURCE = (
-    r"""
-#include <stdint.h>
-#include <stddef.h>
-#include <errno.h>
-#include <signal.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <fcntl.h>
-#include <unistd.h>
-"""
-    + TYPES
-    + r"""
+# The C functions of the compiled module. They hard-code no number of the kernel's ABI:
+# vmm_run_vcpu's constants (KVM_RUN, KVM_EXIT_IO, the PIO data offset, the result's layout)
+# are handed over once by kvm_abi/__init__.py from the Python tables, so each of them is
+# written in one place and editing a table never needs a rebuild.
+FAST_PATH = r"""
 static int vmm_ioctl_ptr(int fd, unsigned long request, void *arg)
 {
     return ioctl(fd, request, arg);
@@ -339,22 +330,41 @@ static int vmm_ioctl_int(int fd, unsigned long request, unsigned long arg)
     return ioctl(fd, request, arg);
 }
 
-/* KVM_RUN for the hot path (see kvm_abi.run_vcpu): -errno on failure; for an exit that
-   is one port access with its data in the PIO page, FAST_IO | direction << 24 |
-   size << 16 | port, one integer the caller can use as a dict key; else the exit reason. */
+/* Set by vmm_fast_path_init() when kvm_abi is imported, before run_vcpu is handed out. */
+static unsigned long vmm_run_request;   /* KVM_RUN */
+static uint32_t vmm_exit_io;            /* KVM_EXIT_IO */
+static uint64_t vmm_pio_data_offset;    /* KVM_PIO_PAGE_OFFSET * PAGE_SIZE */
+static int64_t vmm_fast_io;             /* kvm_abi.FAST_IO */
+static unsigned int vmm_direction_shift, vmm_size_shift;
+
+static void vmm_fast_path_init(unsigned long run_request, uint32_t exit_io, uint64_t pio_data_offset,
+                               int64_t fast_io, unsigned int direction_shift, unsigned int size_shift)
+{
+    vmm_run_request = run_request;
+    vmm_exit_io = exit_io;
+    vmm_pio_data_offset = pio_data_offset;
+    vmm_fast_io = fast_io;
+    vmm_direction_shift = direction_shift;
+    vmm_size_shift = size_shift;
+}
+
+/* KVM_RUN for the hot path (kvm_abi.run_vcpu; its ABI-mode twin is _run_vcpu_abi there):
+   -errno on failure; for an exit that is one port access with its data in the PIO page,
+   FAST_IO | direction << DIRECTION_SHIFT | size << SIZE_SHIFT | port, one integer the
+   caller can use as a dict key; else the exit reason. */
 static int64_t vmm_run_vcpu(int fd, struct kvm_run *run)
 {
-    if (ioctl(fd, 0xAE80UL, 0UL) < 0)
+    if (ioctl(fd, vmm_run_request, 0UL) < 0)
         return -errno;
-    if (run->exit_reason == 2 /* KVM_EXIT_IO */ && run->io.count == 1 && run->io.data_offset == 4096)
-        return (INT64_C(1) << 32) | ((int64_t)run->io.direction << 24) | ((int64_t)run->io.size << 16)
-               | run->io.port;
+    if (run->exit_reason == vmm_exit_io && run->io.count == 1 && run->io.data_offset == vmm_pio_data_offset)
+        return vmm_fast_io | ((int64_t)run->io.direction << vmm_direction_shift)
+               | ((int64_t)run->io.size << vmm_size_shift) | run->io.port;
     return run->exit_reason;
 }
 
-static const char *vmm_cdefs_digest(void)
+static const char *vmm_source_digest(void)
 {
-    return VMM_CDEFS_DIGEST;
+    return VMM_SOURCE_DIGEST;
 }
 
 static void vmm_kick_noop(int signo)
@@ -372,6 +382,37 @@ static int vmm_install_kick_handler(int signo)
     return sigaction(signo, &sa, NULL);
 }
 """
-)
 
-API_SOURCE = f'#define VMM_CDEFS_DIGEST "{digest()}"\n' + API_SOURCE
+HEADERS = r"""
+#include <stdint.h>
+#include <stddef.h>
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <fcntl.h>
+#include <unistd.h>
+"""
+
+C_SOURCE = HEADERS + TYPES + FAST_PATH
+"""Everything the C compiler sees but the digest's own ``#define``."""
+
+
+def source_digest(cdef: str, source: str) -> str:
+    """The digest of one build's inputs: the declarations cffi is given and the whole C
+    source. Any edit to either (a struct, a prototype, a line of ``vmm_run_vcpu``, a
+    comment) gives another digest."""
+    import hashlib
+
+    return hashlib.sha256(cdef.encode() + b"\0" + source.encode()).hexdigest()[:16]
+
+
+def digest() -> str:
+    """The digest of the current sources. The compiled module embeds the one it was built
+    from (``vmm_source_digest()``), so ``_ffi`` refuses a build older than the sources."""
+    return source_digest(API_CDEF, C_SOURCE)
+
+
+API_SOURCE = f'#define VMM_SOURCE_DIGEST "{digest()}"\n' + C_SOURCE
+"""The C source handed to cffi's ``set_source``."""

@@ -1,4 +1,4 @@
-"""The FFI object: the compiled module when it was built, else ABI mode.
+"""The FFI object: the compiled module when it was built from the current sources, else ABI mode.
 
 ``VMM_CFFI=abi`` in the environment forces ABI mode (benchmarks compare both).
 """
@@ -17,6 +17,19 @@ ffi: Any
 lib: Any
 COMPILED: bool
 
+
+def built_digest(module: Any) -> str:
+    """The source digest a compiled module was built from ("" for a build too old to say)."""
+    get = getattr(module.lib, "vmm_source_digest", None)
+    return str(module.ffi.string(get()).decode()) if get is not None else ""
+
+
+def is_current(module: Any) -> bool:
+    """Whether ``module`` was built from today's ``_cdefs.py``: declarations and C source alike,
+    so a build from before an edit of ``vmm_run_vcpu`` is refused, not run."""
+    return built_digest(module) == digest()
+
+
 _compiled: Any = None
 if os.environ.get("VMM_CFFI", "") != "abi":
     try:
@@ -27,15 +40,9 @@ if os.environ.get("VMM_CFFI", "") != "abi":
     except ImportError:  # not built: an sdist install without a compiler, or a bare checkout
         _compiled = None
 
-
-def _built_digest(module: Any) -> str:
-    get = getattr(module.lib, "vmm_cdefs_digest", None)
-    return module.ffi.string(get()).decode() if get is not None else ""
-
-
-if _compiled is not None and _built_digest(_compiled) != digest():
+if _compiled is not None and not is_current(_compiled):
     warnings.warn(
-        "kvm_abi's compiled module is stale (built from older declarations); using cffi ABI mode. "
+        "kvm_abi's compiled module is stale (built from older sources); using cffi ABI mode. "
         "Reinstall the project (pip install -e .) to rebuild it.",
         RuntimeWarning,
         stacklevel=2,

@@ -9,6 +9,7 @@ from enum import IntEnum, IntFlag
 
 KVM_API_VERSION = 12
 PAGE_SIZE = 4096
+"""The x86 base page size: memslot granularity, ``mincore`` pages, the vCPU mapping's pages."""
 
 # errno values KVM returns that Python's errno module lacks (3.11 has no EHWPOISON), as
 # x86 Linux numbers them (include/uapi/asm-generic/errno.h). Every other errno the
@@ -221,19 +222,18 @@ KVM_GUESTDBG_INJECT_BP = 0x80000
 KVM_GUESTDBG_BLOCKIRQ = 0x100000
 KVM_PIO_PAGE_OFFSET = 1
 KVM_COALESCED_MMIO_PAGE_OFFSET = 2
+PIO_DATA_OFFSET = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
+"""Where x86 KVM puts port-I/O data in the vCPU's mapping (``kvm_run.io.data_offset``)."""
 
 # libc / mm constants Python 3.11's mmap module lacks (x86-64 values).
-PROT_NONE, PROT_READ, PROT_WRITE = 0x0, 0x1, 0x2
-MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
-MAP_NORESERVE, MAP_POPULATE, MAP_HUGETLB = 0x4000, 0x8000, 0x40000
+PROT_READ, PROT_WRITE = 0x1, 0x2
+MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
+MAP_NORESERVE, MAP_HUGETLB = 0x4000, 0x40000
 MAP_FAILED = (1 << 64) - 1
 MADV_DONTNEED = 4
-MADV_REMOVE = 9
 MADV_HUGEPAGE = 14
-MADV_NOHUGEPAGE = 15
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 MFD_CLOEXEC = 0x0001
-MFD_HUGETLB = 0x0004

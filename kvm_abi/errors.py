@@ -11,6 +11,13 @@ from kvm_abi.constants import EHWPOISON
 _ERRNO_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", EHWPOISON: "EHWPOISON"}
 
 
+def errno_name(err: int) -> str:
+    """The symbolic name of an errno value as KVM's documentation spells it: ``EINVAL``,
+    ``EOPNOTSUPP`` rather than Python's alias ``ENOTSUP`` for 95, ``EHWPOISON`` (which
+    Python 3.11 lacks); ``errno N`` for a number with no name."""
+    return _ERRNO_NAMES.get(err) or _errno.errorcode.get(err, f"errno {err}")
+
+
 class KvmError(OSError):
     """An ioctl (or libc call) failed. ``errno`` and ``strerror`` are the OS's; ``ioctl``
     names the call, ``target`` the object it was issued on (``vm0``, ``vcpu1``), and
@@ -24,9 +31,8 @@ class KvmError(OSError):
 
     @property
     def errno_name(self) -> str:
-        """The symbolic name of ``errno`` (``EINVAL``); EOPNOTSUPP rather than Python's ENOTSUP."""
-        code = self.errno or 0
-        return _ERRNO_NAMES.get(code) or _errno.errorcode.get(code, f"errno {self.errno}")
+        """The symbolic name of ``errno`` (:func:`errno_name`)."""
+        return errno_name(self.errno or 0)
 
     def __str__(self) -> str:
         where = f" on {self.target}" if self.target else ""

@@ -333,6 +333,16 @@ def test_flag_and_type_constants():
     assert (abi.KVM_EXIT_IO_IN, abi.KVM_EXIT_IO_OUT) == (0, 1)
     assert abi.KVM_API_VERSION == 12
     assert (abi.MADV_POPULATE_READ, abi.MADV_POPULATE_WRITE, abi.MADV_HUGEPAGE) == (22, 23, 14)
+    assert abi.PAGE_SIZE == 4096
+    assert abi.PIO_DATA_OFFSET == 4096  # kvm-abi.md §9-E: io.data_offset of every port exit here
+
+
+def test_errno_names_are_spelled_as_the_kernel_does():
+    assert abi.errno_name(22) == "EINVAL"
+    assert abi.errno_name(95) == "EOPNOTSUPP"  # Python's errno table calls it ENOTSUP
+    assert abi.errno_name(133) == "EHWPOISON"  # absent from Python 3.11's errno module
+    assert abi.errno_name(4000) == "errno 4000"
+    assert abi.KvmError(95, "KVM_PRE_FAULT_MEMORY").errno_name == "EOPNOTSUPP"
 
 
 def test_kvm_error_carries_errno_and_ioctl_name():
