@@ -29,7 +29,13 @@ from vmm.cpu.layout import CpuMode
 from vmm.cpu.state import LDT_NONE, CpuState, Segment
 
 if TYPE_CHECKING:
-    from vmm.backends.emulator_vcpu import EmulatorVcpuRunner
+    from vmm.backends.base import ExitCounts
+    from vmm.backends.emulator_apic import LocalApic
+    from vmm.backends.emulator_env import Env
+    from vmm.backends.emulator_platform import Platform, Slot
+    from vmm.backends.emulator_stubs import GateState
+    from vmm.backends.emulator_turns import Turns
+    from vmm.memory import GuestMemory
 
 RFLAGS_IF = 1 << 9
 HALTED_AGAIN = VcpuOutcome("halted", "waiting for SIPI again (after an INIT)")
@@ -59,7 +65,35 @@ class Trap:
 class RunLoop:
     """The loop itself; the runner provides the engine, its CPU state and the flags."""
 
-    def _run(self: EmulatorVcpuRunner, uc: Uc, stop: StopFlag) -> VcpuOutcome:
+    # Set by EmulatorVcpuRunner.__init__ (and _uc/_env with the engine).
+    counts: ExitCounts
+    _memory: GuestMemory
+    _turns: Turns
+    _platform: Platform
+    _slot: Slot
+    _apic: LocalApic
+    _uc: Uc | None
+    _env: Env
+    _pc: int
+    _running: bool
+    _fault: VcpuOutcome | None
+    _event: Trap | None
+    _hook_error: BaseException | None
+    _gate: StopFlag
+    _gate_state: GateState
+
+    def _engine_error(self, status: int) -> VcpuOutcome:
+        raise NotImplementedError
+
+    def preempt(self) -> None:
+        raise NotImplementedError
+
+    def _engine(self) -> Uc:
+        """The open engine (the loop runs only with one)."""
+        assert self._uc is not None
+        return self._uc
+
+    def _run(self, uc: Uc, stop: StopFlag) -> VcpuOutcome:
         if self._slot.state in (PARKED, WAIT_SIPI):
             outcome = self._await_sipi(stop)
             if outcome is not None:
@@ -68,7 +102,7 @@ class RunLoop:
             self._platform.set_state(self._slot, RUNNING)
         return self._loop(uc, stop)
 
-    def _await_sipi(self: EmulatorVcpuRunner, stop: StopFlag) -> VcpuOutcome | None:
+    def _await_sipi(self, stop: StopFlag) -> VcpuOutcome | None:
         """Wait for STARTUP; None once started (the state is loaded), else the outcome."""
         started_before = self._slot.started
         got = self._platform.wait_for_sipi(self._slot, stop, self._gate)
@@ -77,11 +111,11 @@ class RunLoop:
         if got == "never":
             return HALTED_AGAIN if started_before else NEVER_STARTED
         assert isinstance(got, int)
-        apply_state(self._uc, self._env, sipi_state(got))
+        apply_state(self._engine(), self._env, sipi_state(got))
         self._pc = 0
         return None
 
-    def _loop(self: EmulatorVcpuRunner, uc: Uc, stop: StopFlag) -> VcpuOutcome:
+    def _loop(self, uc: Uc, stop: StopFlag) -> VcpuOutcome:
         turns, counts, gate, gs, slot = self._turns, self.counts, self._gate, self._gate_state, self._slot
         while True:
             gs.req_now = 0  # before looking at anything a request could be about
@@ -143,7 +177,7 @@ class RunLoop:
                 return STOPPED
 
     # --- events ----------------------------------------------------------------------------
-    def _handle_event(self: EmulatorVcpuRunner) -> VcpuOutcome | None:
+    def _handle_event(self) -> VcpuOutcome | None:
         trap, self._event = self._event, None
         assert trap is not None
         self._env.clear_old_exception()  # QEMU's do_interrupt would have (see emulator_env)
@@ -154,7 +188,7 @@ class RunLoop:
         code = trap.code if trap.vector in WITH_ERROR_CODE else 0
         return self._deliver(Event(trap.vector, Kind.FAULT, code), trap.rip)
 
-    def _software_start(self: EmulatorVcpuRunner, trap: Trap) -> int:
+    def _software_start(self, trap: Trap) -> int:
         """Where the ``int n``, ``int3`` or ``into`` that raised ``trap`` starts (unicorn
         reports the next instruction; a fault delivering it saves the instruction's own)."""
         before = self._code(trap.rip - 2, 2)
@@ -164,7 +198,7 @@ class RunLoop:
             return trap.rip - 1
         return trap.rip - 2 if before == bytes((0xCD, trap.vector)) else trap.rip
 
-    def _code(self: EmulatorVcpuRunner, rip: int, size: int) -> bytes | None:
+    def _code(self, rip: int, size: int) -> bytes | None:
         """``size`` bytes of code at ``rip`` (CS-relative outside 64-bit code), or None."""
         env = self._env
         linear = rip if env.hflags & HF_CS64 else (env.seg(CS).base + rip) & 0xFFFFFFFF
@@ -173,9 +207,9 @@ class RunLoop:
         except PageFault:
             return None
 
-    def _deliver(self: EmulatorVcpuRunner, event: Event, rip: int, fault_rip: int | None = None) -> VcpuOutcome | None:
+    def _deliver(self, event: Event, rip: int, fault_rip: int | None = None) -> VcpuOutcome | None:
         try:
-            self._pc = Delivery(self._uc, self._env, self._memory).deliver(event, rip, fault_rip)
+            self._pc = Delivery(self._engine(), self._env, self._memory).deliver(event, rip, fault_rip)
         except TripleFault:
             self.counts.other += 1
             return VcpuOutcome("crashed", "triple fault (shutdown)", rip, triple_fault=True)
@@ -184,7 +218,7 @@ class RunLoop:
             return VcpuOutcome("crashed", str(e), rip)
         return None
 
-    def _inject(self: EmulatorVcpuRunner) -> VcpuOutcome | None:
+    def _inject(self) -> VcpuOutcome | None:
         """Deliver the highest-priority pending APIC interrupt if the CPU can take it now;
         otherwise ask the block gate for the next interrupt window."""
         env, gs = self._env, self._gate_state
@@ -200,8 +234,8 @@ class RunLoop:
             gs.req_irq = 1  # another may be pending: the gate stops when IF allows
         return self._deliver(Event(vector, Kind.EXTERNAL), self._pc)
 
-    def _msr(self: EmulatorVcpuRunner, write: bool, rip: int) -> VcpuOutcome | None:
-        env, uc = self._env, self._uc
+    def _msr(self, write: bool, rip: int) -> VcpuOutcome | None:
+        env, uc = self._env, self._engine()
         msr = env.reg(1) & 0xFFFFFFFF
         value = (env.reg(2) & 0xFFFFFFFF) << 32 | env.reg(0) & 0xFFFFFFFF
         try:
@@ -231,7 +265,7 @@ class RunLoop:
         self._pc = rip + self._msr_length(rip)
         return None
 
-    def _msr_length(self: EmulatorVcpuRunner, rip: int) -> int:
+    def _msr_length(self, rip: int) -> int:
         """RDMSR/WRMSR is 0f 32 / 0f 30 after any legacy and REX prefixes."""
         code = self._code(rip, 15)
         if code is None:

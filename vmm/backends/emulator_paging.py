@@ -114,9 +114,9 @@ class LinearMemory:
             rights &= entry
             entries.append((address, entry))
             if size == 8:
-                large = entry & PTE_PS and shift in (21, 30)
+                large = bool(entry & PTE_PS) and shift in (21, 30)
             else:
-                large = entry & PTE_PS and shift == 22 and self.cr4 & CR4_PSE
+                large = bool(entry & PTE_PS and self.cr4 & CR4_PSE) and shift == 22
             if shift == 12 or large:
                 break
             table = entry & (_ADDR if size == 8 else 0xFFFFF000)
