@@ -84,21 +84,3 @@ def write_boot_info(
     block[ARGS_OFFSET : ARGS_OFFSET + len(encoded)] = encoded
     mem.write(BootLayout.BOOT_INFO, bytes(block))
 
-
-def parse_boot_info(block: bytes) -> dict[str, object]:
-    """Decode a boot info block (tests and debugging)."""
-    magic, version, ram, vcpus, mode, start, end, nranges, args_len = struct.unpack_from("<IIQIIQQII", block)
-    ranges = [struct.unpack_from("<QQ", block, 48 + 16 * i) for i in range(nranges)]
-    raw = block[ARGS_OFFSET : ARGS_OFFSET + args_len]
-    args = dict(item.decode().split("=", 1) for item in raw.split(b"\0") if item)
-    return {
-        "magic": magic,
-        "version": version,
-        "ram_size": ram,
-        "nr_vcpus": vcpus,
-        "mode": mode,
-        "image_start": start,
-        "image_end": end,
-        "ram_ranges": ranges,
-        "args": args,
-    }

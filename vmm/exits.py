@@ -1,17 +1,28 @@
-"""Typed vCPU exits, shared by both backends.
+"""Typed vCPU exits, how a vCPU's run ends, and the one function that acts on an exit.
 
-``Vcpu.run()`` (and the emulator's vCPU) return one of these. Payload views borrow
-the vCPU's shared page: they are valid until the next ``run()``; copy with
-``bytes()`` to keep them. Exits without data are singletons (compare with ``is``).
+``Vcpu.run()`` decodes ``kvm_run`` into one of the exit types below (the only decoder of
+that page); the emulator backend expresses what stops its engine as the same exits. Both
+backends hand them to :func:`dispatch`, which does what the exit asks of the devices and
+says what the run loop does next: run the vCPU again, look at the stop flag, or end with a
+:class:`VcpuOutcome`. ``dispatch`` touches no KVM and no engine, so it is tested with
+synthetic exits (as Firecracker tests ``handle_kvm_exit``).
+
+Payload views borrow the vCPU's shared page: they are valid until the next ``run()``; copy
+with ``bytes()`` to keep them. Exits without data are singletons (compare with ``is``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import TYPE_CHECKING
 
 from kvm_abi import ExitReason
 from kvm_abi import InternalError as _Suberror
 from kvm_abi import SystemEvent as _SysEvent
+
+if TYPE_CHECKING:
+    from vmm.devices.bus import Bus
 
 
 @dataclass(slots=True)
@@ -141,14 +152,15 @@ class Debug:
 
 
 @dataclass(slots=True)
-class GuestFault:
-    """A fault the vCPU could not deliver (the emulator's invalid opcode, unmapped fetch, ...)."""
+class RunFailed:
+    """KVM_RUN failed with an errno that is neither a kick (EINTR, EAGAIN) nor a memory
+    fault: the vCPU cannot run on."""
 
-    what: str
-    rip: int
+    errno: int
+    detail: str
 
     def describe(self) -> str:
-        return f"{self.what} at rip {self.rip:#x}"
+        return self.detail
 
 
 @dataclass(slots=True)
@@ -176,6 +188,109 @@ Exit = (
     | SystemEvent
     | MemoryFault
     | Debug
-    | GuestFault
+    | RunFailed
     | Unsupported
 )
+
+
+# --- how a run ends --------------------------------------------------------------------
+
+
+class Ending(StrEnum):
+    """How a vCPU's run loop ended (a str, so reports and JSON print its value)."""
+
+    HALTED = "halted"
+    """HLT with nothing left to wake the vCPU, or a vCPU that never started."""
+    STOPPED = "stopped"
+    """The machine asked (exit request, another vCPU's crash, timeout)."""
+    CRASHED = "crashed"
+    """Triple fault, internal error, failed entry, unhandled exit, an undeliverable fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuOutcome:
+    """How a vCPU's run loop ended: ``kind``, what happened (``detail``) and, when known,
+    where (``rip``)."""
+
+    kind: Ending
+    detail: str = ""
+    rip: int | None = None
+    triple_fault: bool = False
+
+    def at(self, rip: int | None) -> VcpuOutcome:
+        """The same outcome, located at ``rip``."""
+        return VcpuOutcome(self.kind, self.detail, rip, self.triple_fault)
+
+
+HALTED = VcpuOutcome(Ending.HALTED, "halted")
+NEVER_STARTED = VcpuOutcome(Ending.HALTED, "never started (waited for INIT/SIPI)")
+STOPPED = VcpuOutcome(Ending.STOPPED, "stopped")
+TRIPLE_FAULT = VcpuOutcome(Ending.CRASHED, "triple fault (shutdown)", triple_fault=True)
+
+
+def crashed(detail: str, rip: int | None = None) -> VcpuOutcome:
+    """A crash outcome."""
+    return VcpuOutcome(Ending.CRASHED, detail, rip)
+
+
+# --- dispatch --------------------------------------------------------------------------
+
+
+class Next(Enum):
+    """What the run loop does after an exit that does not end the run."""
+
+    RUN = "run"
+    """Handled: enter the guest again."""
+    CHECK_STOP = "check-stop"
+    """A kick or a signal: end if the machine asked (the stop flag), else run again."""
+
+
+def dispatch(bus: Bus, exit_: Exit) -> Next | VcpuOutcome:
+    """Act on one exit: port and MMIO accesses go to ``bus`` (an MMIO read's data is zeroed
+    first: KVM leaves the previous exit's bytes there, and a device may fill only part of
+    it); every other exit ends the run, or asks the loop to look at its stop flag. The
+    outcome has no RIP: the backend knows where the vCPU is."""
+    if type(exit_) is IoOut:
+        bus.pio_write(exit_.port, exit_.size, exit_.data)
+        return Next.RUN
+    if type(exit_) is IoIn:
+        bus.pio_read(exit_.port, exit_.size, exit_.data)
+        return Next.RUN
+    if type(exit_) is MmioWrite:
+        bus.mmio_write(exit_.addr, exit_.data)
+        return Next.RUN
+    if type(exit_) is MmioRead:
+        exit_.data[:] = bytes(len(exit_.data))
+        bus.mmio_read(exit_.addr, exit_.data)
+        return Next.RUN
+    return ending(exit_)
+
+
+def ending(exit_: Exit) -> Next | VcpuOutcome:
+    """The outcome of an exit that is not a device access (see :func:`dispatch`)."""
+    if exit_ is INTERRUPTED:
+        return Next.CHECK_STOP
+    if exit_ is HLT:
+        return HALTED
+    if exit_ is SHUTDOWN:
+        return TRIPLE_FAULT
+    if isinstance(exit_, SystemEvent):
+        kind = Ending.CRASHED if exit_.type == _SysEvent.CRASH else Ending.HALTED
+        return VcpuOutcome(kind, exit_.describe())
+    if isinstance(exit_, FailEntry | InternalError | SystemEvent | MemoryFault | RunFailed | Unsupported):
+        return crashed(exit_.describe())
+    return crashed(f"unexpected exit {exit_!r}")
+
+
+def count_field(exit_: Exit) -> str:
+    """The :class:`~vmm.backends.base.ExitCounts` field an exit counts in."""
+    kind = type(exit_)
+    if kind is IoOut or kind is IoIn:
+        return "io"
+    if kind is MmioRead or kind is MmioWrite:
+        return "mmio"
+    if exit_ is HLT:
+        return "hlt"
+    if exit_ is INTERRUPTED:
+        return "interrupted"
+    return "other"

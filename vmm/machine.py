@@ -28,6 +28,7 @@ from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.cpu.state import boot_state, pc_boot_state, write_system_tables
 from vmm.devices import Bus, Marker
 from vmm.errors import VmmError
+from vmm.exits import Ending, crashed
 from vmm.loader import ImagePlan, plan_image
 from vmm.loader.linux import LinuxPlan, linux_boot_state
 from vmm.platform.devices import attach_pc_devices, load_fw_cfg_files
@@ -244,12 +245,12 @@ class Machine:
                 self._faults.add_tid(tid)
             outcome = runner.run_loop(self.bus, self.stop)
         except VmmError as e:
-            outcome = VcpuOutcome("crashed", str(e), None)
+            outcome = crashed(str(e), None)
         except Exception as e:  # a bug in a device must not hang the machine
             log.exception("vCPU %d loop failed", runner.index)
-            outcome = VcpuOutcome("crashed", f"internal error in the VMM: {e!r}", None)
+            outcome = crashed(f"internal error in the VMM: {e!r}", None)
         self._outcomes[runner.index] = outcome
-        if outcome.kind == "crashed":
+        if outcome.kind is Ending.CRASHED:
             regs: dict[str, int] = {}
             with contextlib.suppress(Exception):
                 regs = runner.regs()

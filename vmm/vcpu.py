@@ -267,11 +267,20 @@ class Vcpu:
             if err == errno.EINTR or err == errno.EAGAIN:
                 run.immediate_exit = 0
                 return ex.INTERRUPTED
-            if err in (errno.EFAULT, EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
-                mf = run.memory_fault
-                return ex.MemoryFault(int(mf.flags), int(mf.gpa), int(mf.size))
-            raise KvmError(err, "KVM_RUN", self.name)
+            failure = self.decode_failure(err)
+            if isinstance(failure, ex.RunFailed):
+                raise KvmError(err, "KVM_RUN", self.name)
+            return failure
         return self.decode_exit()
+
+    def decode_failure(self, err: int) -> ex.MemoryFault | ex.RunFailed:
+        """The exit for a KVM_RUN that failed with ``err`` (not EINTR/EAGAIN): a
+        ``MemoryFault`` when KVM filled one in (EFAULT/EHWPOISON), else ``RunFailed``."""
+        run = self.run_struct
+        if err in (errno.EFAULT, EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
+            mf = run.memory_fault
+            return ex.MemoryFault(int(mf.flags), int(mf.gpa), int(mf.size))
+        return ex.RunFailed(err, str(KvmError(err, "KVM_RUN", self.name)))
 
     def decode_exit(self) -> ex.Exit:
         """The typed exit for the current contents of kvm_run."""

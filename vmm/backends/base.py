@@ -8,7 +8,21 @@ from typing import Protocol
 
 from vmm.cpu.state import CpuState
 from vmm.devices.bus import Bus
+from vmm.exits import HALTED, NEVER_STARTED, STOPPED, TRIPLE_FAULT, Ending, Exit, VcpuOutcome, count_field
 from vmm.memory import Backing, GuestMemory, GuestRegion
+
+__all__ = [
+    "HALTED",
+    "NEVER_STARTED",
+    "STOPPED",
+    "TRIPLE_FAULT",
+    "Backend",
+    "Ending",
+    "ExitCounts",
+    "StopFlag",
+    "VcpuOutcome",
+    "VcpuRunner",
+]
 
 
 class StopFlag:
@@ -19,27 +33,6 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
-
-
-@dataclass(frozen=True, slots=True)
-class VcpuOutcome:
-    """How a vCPU's run loop ended.
-
-    ``kind``: ``"halted"`` (HLT with nothing to wake it), ``"stopped"`` (the machine
-    asked), or ``"crashed"`` (triple fault, internal error, failed entry, unhandled
-    exit, a fault the emulator cannot deliver). ``detail`` says what happened;
-    ``rip`` is where, when known.
-    """
-
-    kind: str
-    detail: str = ""
-    rip: int | None = None
-    triple_fault: bool = False
-
-
-HALTED = VcpuOutcome("halted", "halted")
-NEVER_STARTED = VcpuOutcome("halted", "never started (waited for INIT/SIPI)")
-STOPPED = VcpuOutcome("stopped", "stopped")
 
 
 @dataclass
@@ -57,6 +50,11 @@ class ExitCounts:
         out = {"io": self.io, "mmio": self.mmio, "hlt": self.hlt, "interrupted": self.interrupted, "other": self.other}
         out.update(self.extra)
         return out
+
+    def record(self, exit_: Exit) -> None:
+        """Count one exit in its field (:func:`vmm.exits.count_field`)."""
+        name = count_field(exit_)
+        setattr(self, name, getattr(self, name) + 1)
 
     @property
     def total(self) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import UC_ERR_INSN_INVALID, UC_ERR_OK, Uc, UcError
 
-from vmm.backends.base import HALTED, NEVER_STARTED, STOPPED, StopFlag, VcpuOutcome
+from vmm.backends.base import HALTED, NEVER_STARTED, STOPPED, TRIPLE_FAULT, Ending, StopFlag, VcpuOutcome
 from vmm.backends.emulator_apic import Unmodelled
 from vmm.backends.emulator_cpu import Msr, read_msr, write_msr
 from vmm.backends.emulator_env import CS, HF_CS64, HF_INHIBIT_IRQ
@@ -27,6 +27,7 @@ from vmm.backends.emulator_state import apply_state, read_pc
 from vmm.backends.emulator_stubs import MAGIC, native_code
 from vmm.cpu.layout import CpuMode
 from vmm.cpu.state import LDT_NONE, CpuState, Segment
+from vmm.exits import crashed
 
 if TYPE_CHECKING:
     from vmm.backends.base import ExitCounts
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from vmm.memory import GuestMemory
 
 RFLAGS_IF = 1 << 9
-HALTED_AGAIN = VcpuOutcome("halted", "waiting for SIPI again (after an INIT)")
+HALTED_AGAIN = VcpuOutcome(Ending.HALTED, "waiting for SIPI again (after an INIT)")
 _PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
 _SIPI_DATA = Segment(selector=0, base=0, limit=0xFFFF, type=0x3)
 
@@ -212,10 +213,10 @@ class RunLoop:
             self._pc = Delivery(self._engine(), self._env, self._memory).deliver(event, rip, fault_rip)
         except TripleFault:
             self.counts.other += 1
-            return VcpuOutcome("crashed", "triple fault (shutdown)", rip, triple_fault=True)
+            return TRIPLE_FAULT.at(rip)
         except NotModelled as e:
             self.counts.other += 1
-            return VcpuOutcome("crashed", str(e), rip)
+            return crashed(str(e), rip)
         return None
 
     def _inject(self) -> VcpuOutcome | None:
@@ -246,7 +247,7 @@ class RunLoop:
                     what, value = read_msr(self._apic, msr)
         except Unmodelled as e:
             self.counts.other += 1
-            return VcpuOutcome("crashed", str(e), rip)
+            return crashed(str(e), rip)
         if what is Msr.GP:
             return self._deliver(Event(GP, Kind.FAULT, 0), rip)
         if what is Msr.QEMU:

@@ -40,6 +40,7 @@ from vmm.backends.emulator_turns import Turns
 from vmm.cpu.state import CpuState
 from vmm.devices.bus import Bus
 from vmm.errors import VmmError
+from vmm.exits import IoIn, IoOut, MmioRead, MmioWrite, crashed, dispatch
 from vmm.memory import GuestMemory
 
 log = logging.getLogger("vmm.emulator")
@@ -282,7 +283,7 @@ class EmulatorVcpuRunner(RunLoop):
                 elif port in PIT_PORTS:
                     unmodelled(f"the emulator does not model the 8254 PIT (OUT to port {port:#x})")
                 else:
-                    bus.pio_write(port, size, data)
+                    dispatch(bus, IoOut(port, size, 1, data))
             except BaseException as e:
                 failed(e)
 
@@ -300,7 +301,7 @@ class EmulatorVcpuRunner(RunLoop):
                     unmodelled(f"the emulator does not model the 8254 PIT (IN from port {port:#x})")
                     return _all_ones(size)
                 else:
-                    bus.pio_read(port, size, data)
+                    dispatch(bus, IoIn(port, size, 1, data))
                 return int.from_bytes(data, "little")
             except BaseException as e:
                 failed(e)
@@ -334,7 +335,7 @@ class EmulatorVcpuRunner(RunLoop):
         """The guest needs something the emulator does not model: the run ends, saying so."""
         if self._fault is None:
             rip = read_pc(self._uc) if self._uc is not None else None
-            self._fault = VcpuOutcome("crashed", detail, rip)
+            self._fault = crashed(detail, rip)
         self._gate.requested = True
         if self._uc is not None:
             native.emu_stop(self._uc)
@@ -342,8 +343,8 @@ class EmulatorVcpuRunner(RunLoop):
     def _engine_error(self, status: int) -> VcpuOutcome:
         if status == UC_ERR_FETCH_PROT:  # unicorn maps MMIO ranges non-executable
             detail = f"instruction fetch from guest-physical {self._pc:#x}, which has no RAM (MMIO)"
-            return VcpuOutcome("crashed", detail, self._pc)
-        return VcpuOutcome("crashed", f"emulator error: {UcError(status)}", self._pc)
+            return crashed(detail, self._pc)
+        return crashed(f"emulator error: {UcError(status)}", self._pc)
 
     def _on_exception(self, _uc: int, vector: int, _user: int) -> None:
         # Between two blocks: RIP is the faulting instruction's (the next one's for
@@ -384,7 +385,7 @@ class EmulatorVcpuRunner(RunLoop):
                 except BaseException:
                     rip = None
             detail = f"{what} guest-physical {address:#x} (size {size}): nothing is mapped there"
-            self._fault = VcpuOutcome("crashed", detail, rip)
+            self._fault = crashed(detail, rip)
         return False  # unicorn stops with UC_ERR_*_UNMAPPED
 
     def _mmio_read(self, _uc: int, offset: int, size: int, base: int | None) -> int:
@@ -400,8 +401,8 @@ class EmulatorVcpuRunner(RunLoop):
             return _all_ones(size)
         self.counts.mmio += 1
         try:
-            data = memoryview(bytearray(size))  # zeroed, as the KVM loop hands it over
-            bus.mmio_read(addr, data)
+            data = memoryview(bytearray(size))
+            dispatch(bus, MmioRead(addr, data))
             return int.from_bytes(data, "little")
         except BaseException as e:
             self._hook_failed(e)
@@ -426,6 +427,6 @@ class EmulatorVcpuRunner(RunLoop):
             return
         self.counts.mmio += 1
         try:
-            bus.mmio_write(addr, memoryview(value.to_bytes(size, "little")))
+            dispatch(bus, MmioWrite(addr, memoryview(value.to_bytes(size, "little"))))
         except BaseException as e:
             self._hook_failed(e)

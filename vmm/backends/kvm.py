@@ -14,25 +14,22 @@ from collections.abc import Callable
 from typing import Any
 
 import kvm_abi as abi
-from kvm_abi import Cap, ExitReason, KvmError, MpState, ffi
+from kvm_abi import Cap, KvmError, MpState, ffi
 from vmm import exits as ex
-from vmm.backends.base import HALTED, NEVER_STARTED, STOPPED, ExitCounts, StopFlag, VcpuOutcome
+from vmm.backends.base import NEVER_STARTED, STOPPED, ExitCounts, StopFlag
 from vmm.backends.kvm_idle import IdleWatch
 from vmm.backends.kvm_state import apply_state, read_regs
 from vmm.cpu.state import CpuState
 from vmm.devices.bus import Bus
 from vmm.errors import ConfigError, Unavailable
+from vmm.exits import Ending, Next, VcpuOutcome, dispatch
 from vmm.kvm import Kvm
 from vmm.memory import Backing, GuestMemory, GuestRegion
 from vmm.vcpu import Vcpu, ensure_kick_handler
 from vmm.vm import Vm
 
-_IO = int(ExitReason.IO)
-_MMIO = int(ExitReason.MMIO)
-_HLT = int(ExitReason.HLT)
 _EINTR = -errno.EINTR
 _EAGAIN = -errno.EAGAIN
-_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + 8
 
 
 CPUID1_ECX_X2APIC = 1 << 21
@@ -157,7 +154,7 @@ class KvmVcpuRunner:
         fast = self._fast
         fast_get = fast.get
         counts = self.counts
-        n_io = n_mmio = n_intr = 0
+        n_io = n_intr = 0
         # `stop` is read only after EINTR: the machine never sets it without kicking every
         # vCPU, and a kick sets immediate_exit first, so the next KVM_RUN (this thread's
         # own, after a device asked to stop) returns EINTR at once.
@@ -178,33 +175,30 @@ class KvmVcpuRunner:
                         if self._probe:
                             self._answer_probe()
                         continue
-                    return self._failed_run(-code)
-                if code & abi.FAST_IO:
+                elif code & abi.FAST_IO:
                     n_io += 1
                     self._first_port_access(bus, code)
                     continue
-                if code == _IO:  # string I/O, or data outside the PIO page
-                    n_io += 1
-                    self._port_access(bus)
+                # Everything else: the one decoder, the one dispatch (vmm.exits).
+                exit_ = vcpu.decode_exit() if code >= 0 else vcpu.decode_failure(-code)
+                counts.record(exit_)
+                step = dispatch(bus, exit_)
+                if step is Next.RUN:
                     continue
-                if code == _MMIO:
-                    n_mmio += 1
-                    self._mmio_access(bus)
+                if step is Next.CHECK_STOP:  # KVM_EXIT_INTR: a signal without EINTR
+                    if stop.requested:
+                        return STOPPED
                     continue
-                if code == _HLT:
-                    counts.hlt += 1
-                    return HALTED
-                counts.other += 1
-                return self._unusual_exit(vcpu.decode_exit())
+                assert isinstance(step, VcpuOutcome)
+                return step if step.kind is not Ending.CRASHED else step.at(self._rip())
         finally:
             counts.io += n_io
-            counts.mmio += n_mmio
             counts.interrupted += n_intr
 
     def _first_port_access(self, bus: Bus, code: int) -> None:
         """A single port access not seen before: do it, and remember the bound call for
         the next time when a device claims the port."""
-        direction, size, port = (code >> 24) & 0xFF, (code >> 16) & 0xFF, code & 0xFFFF
+        direction, size, port = abi.fast_io_fields(code)
         data = self.vcpu.shared_page[abi.PIO_DATA_OFFSET : abi.PIO_DATA_OFFSET + size]
         out = direction == abi.KVM_EXIT_IO_OUT
         write_table, read_table = bus.pio_handlers()
@@ -213,52 +207,14 @@ class KvmVcpuRunner:
             handler, offset = entry
             self._fast[code] = functools.partial(handler, offset, data)
             handler(offset, data)
-        elif out:
-            bus.pio_write(port, size, data)  # unclaimed: counted, logged, strict
-        else:
-            bus.pio_read(port, size, data)
-
-    def _port_access(self, bus: Bus) -> None:
-        io = self.vcpu.run_struct.io
-        start, size = io.data_offset, io.size
-        data = self.vcpu.shared_page[start : start + size * io.count]
-        if io.direction == abi.KVM_EXIT_IO_OUT:
-            bus.pio_write(io.port, size, data)
-        else:
-            bus.pio_read(io.port, size, data)
-
-    def _mmio_access(self, bus: Bus) -> None:
-        mmio = self.vcpu.run_struct.mmio
-        data = self.vcpu.shared_page[_MMIO_DATA : _MMIO_DATA + mmio.len]
-        if mmio.is_write:
-            bus.mmio_write(mmio.phys_addr, data)
-        else:
-            data[:] = bytes(len(data))
-            bus.mmio_read(mmio.phys_addr, data)
+        else:  # unclaimed: counted, logged, strict
+            dispatch(bus, ex.IoOut(port, size, 1, data) if out else ex.IoIn(port, size, 1, data))
 
     def _rip(self) -> int | None:
         try:
             return self.regs()["rip"]
         except KvmError:
             return None
-
-    def _failed_run(self, err: int) -> VcpuOutcome:
-        run = self.vcpu.run_struct
-        if err in (errno.EFAULT, abi.EHWPOISON) and run.exit_reason == ExitReason.MEMORY_FAULT:
-            mf = run.memory_fault
-            return VcpuOutcome("crashed", ex.MemoryFault(mf.flags, mf.gpa, mf.size).describe(), self._rip())
-        return VcpuOutcome("crashed", str(KvmError(err, "KVM_RUN", self.vcpu.name)), self._rip())
-
-    def _unusual_exit(self, exit_: ex.Exit) -> VcpuOutcome:
-        rip = self._rip()
-        if exit_ is ex.SHUTDOWN:
-            return VcpuOutcome("crashed", "triple fault (shutdown)", rip, triple_fault=True)
-        if isinstance(exit_, ex.SystemEvent):
-            kind = "crashed" if exit_.type == abi.SystemEvent.CRASH else "halted"
-            return VcpuOutcome(kind, exit_.describe(), rip)
-        if isinstance(exit_, ex.InternalError | ex.FailEntry | ex.Unsupported | ex.MemoryFault):
-            return VcpuOutcome("crashed", exit_.describe(), rip)
-        return VcpuOutcome("crashed", f"unexpected exit {exit_!r}", rip)
 
 
 class KvmBackend:
