@@ -83,4 +83,3 @@ def write_boot_info(
     block[48 : 48 + len(ranges)] = ranges
     block[ARGS_OFFSET : ARGS_OFFSET + len(encoded)] = encoded
     mem.write(BootLayout.BOOT_INFO, bytes(block))
-

@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import os
 from types import TracebackType
-from typing import Any
 
 import kvm_abi as abi
 from kvm_abi import Cap, KvmError, ffi
+from kvm_abi.types import Cpuid2
 from vmm.errors import Unavailable
 from vmm.vm import Vm
 
@@ -100,7 +100,7 @@ class Kvm:
             self._mmap_size = abi.ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE, target="kvm")
         return self._mmap_size
 
-    def get_supported_cpuid(self, max_entries: int = abi.KVM_MAX_CPUID_ENTRIES) -> Any:
+    def get_supported_cpuid(self, max_entries: int = abi.KVM_MAX_CPUID_ENTRIES) -> Cpuid2:
         """KVM_GET_SUPPORTED_CPUID: an owned ``struct kvm_cpuid2 *`` with ``nent`` entries."""
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
         abi.ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, cpuid, target="kvm")

@@ -12,6 +12,7 @@ from typing import Any
 
 import kvm_abi as abi
 from kvm_abi import EHWPOISON, ExitReason, KvmError, ffi
+from kvm_abi.types import Cpuid2, Fpu, MemoryMapping, PreFaultRange, Regs, Sregs
 from vmm import exits as ex
 from vmm.errors import ConfigError
 
@@ -131,33 +132,33 @@ class Vcpu:
         return abi.ioctl(self.fd, op, arg, target=self.name, detail=detail)
 
     # --- registers -----------------------------------------------------------------------
-    def get_regs(self) -> Any:
+    def get_regs(self) -> Regs:
         """KVM_GET_REGS: an owned ``struct kvm_regs *``."""
         regs = ffi.new("struct kvm_regs *")
         self._ioctl(abi.KVM_GET_REGS, regs)
         return regs
 
-    def set_regs(self, regs: Any) -> None:
+    def set_regs(self, regs: Regs) -> None:
         """KVM_SET_REGS from a ``struct kvm_regs *``."""
         self._ioctl(abi.KVM_SET_REGS, regs)
 
-    def get_sregs(self) -> Any:
+    def get_sregs(self) -> Sregs:
         """KVM_GET_SREGS: an owned ``struct kvm_sregs *``."""
         sregs = ffi.new("struct kvm_sregs *")
         self._ioctl(abi.KVM_GET_SREGS, sregs)
         return sregs
 
-    def set_sregs(self, sregs: Any) -> None:
+    def set_sregs(self, sregs: Sregs) -> None:
         """KVM_SET_SREGS from a ``struct kvm_sregs *``."""
         self._ioctl(abi.KVM_SET_SREGS, sregs)
 
-    def get_fpu(self) -> Any:
+    def get_fpu(self) -> Fpu:
         """KVM_GET_FPU: an owned ``struct kvm_fpu *``."""
         fpu = ffi.new("struct kvm_fpu *")
         self._ioctl(abi.KVM_GET_FPU, fpu)
         return fpu
 
-    def set_fpu(self, fpu: Any) -> None:
+    def set_fpu(self, fpu: Fpu) -> None:
         """KVM_SET_FPU from a ``struct kvm_fpu *``."""
         self._ioctl(abi.KVM_SET_FPU, fpu)
 
@@ -179,11 +180,11 @@ class Vcpu:
             msrs.entries[i].data = data
         return self._ioctl(abi.KVM_SET_MSRS, msrs)
 
-    def set_cpuid2(self, cpuid: Any) -> None:
+    def set_cpuid2(self, cpuid: Cpuid2) -> None:
         """KVM_SET_CPUID2 from a ``struct kvm_cpuid2 *`` (e.g. Kvm.get_supported_cpuid())."""
         self._ioctl(abi.KVM_SET_CPUID2, cpuid, detail=f"nent={cpuid.nent}")
 
-    def get_cpuid2(self, max_entries: int = abi.KVM_MAX_CPUID_ENTRIES) -> Any:
+    def get_cpuid2(self, max_entries: int = abi.KVM_MAX_CPUID_ENTRIES) -> Cpuid2:
         """KVM_GET_CPUID2: an owned ``struct kvm_cpuid2 *``."""
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
         self._ioctl(abi.KVM_GET_CPUID2, cpuid)
@@ -213,13 +214,13 @@ class Vcpu:
         return int(tr.physical_address), bool(tr.valid)
 
     # --- memory population ---------------------------------------------------------------
-    def pre_fault_memory(self, rng: Any) -> int:
+    def pre_fault_memory(self, rng: PreFaultRange) -> int:
         """KVM_PRE_FAULT_MEMORY on a ``struct kvm_pre_fault_memory *``, updated in place
         (gpa advances, size shrinks). Returns 0 when at least one page was processed;
         raises KvmError otherwise. One call: loop until ``size == 0`` (vmm.prefault does)."""
         return self._ioctl(abi.KVM_PRE_FAULT_MEMORY, rng, detail=f"gpa={rng.gpa:#x} size={rng.size:#x}")
 
-    def map_memory(self, mapping: Any) -> int:
+    def map_memory(self, mapping: MemoryMapping) -> int:
         """The RFC's KVM_MAP_MEMORY on a ``struct kvm_memory_mapping *`` (kernels that carry
         the March 2024 patches only; mainline answers EINVAL)."""
         return self._ioctl(

@@ -11,10 +11,10 @@ import errno
 import functools
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import kvm_abi as abi
 from kvm_abi import Cap, KvmError, MpState, ffi
+from kvm_abi.types import Cpuid2
 from vmm import exits as ex
 from vmm.backends.base import NEVER_STARTED, STOPPED, ExitCounts, StopFlag
 from vmm.backends.kvm_idle import IdleWatch
@@ -38,7 +38,7 @@ CPUID1_EDX_APIC = 1 << 9
 MSR_IA32_APIC_BASE = 0x1B
 
 
-def cpuid_for_vcpu(supported: Any, index: int, *, irqchip: bool = True, tsc_deadline: bool = False) -> Any:
+def cpuid_for_vcpu(supported: Cpuid2, index: int, *, irqchip: bool = True, tsc_deadline: bool = False) -> Cpuid2:
     """A copy of KVM's supported CPUID for vCPU ``index``: its APIC id filled in (leaf 1
     EBX bits 31:24, leaves 0xb/0x1f EDX), as a guest enumerating CPUs expects. With the
     in-kernel irqchip, x2APIC as KVM offers it and TSC-deadline where KVM_CAP_TSC_DEADLINE_TIMER
@@ -74,7 +74,7 @@ class KvmVcpuRunner:
 
     __slots__ = ("index", "vcpu", "counts", "_fast", "_irqchip", "_parked", "_probe", "_probe_done", "probe_result")
 
-    def __init__(self, vcpu: Vcpu, cpuid: Any, *, irqchip: bool = False) -> None:
+    def __init__(self, vcpu: Vcpu, cpuid: Cpuid2, *, irqchip: bool = False) -> None:
         self.index = vcpu.index
         self.vcpu = vcpu
         self.counts = ExitCounts()
