@@ -47,6 +47,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from vmm.backends.emulator_stubs import MAGIC, native_code
+from vmm.cpu.bits import CR0_PE, EFER_LMA, RFLAGS_VM
 from vmm.errors import Unavailable
 
 ES, CS, SS, DS, FS, GS = range(6)
@@ -70,10 +71,6 @@ DESC_L = 1 << 21
 DESC_P = 1 << 15
 DESC_S = 1 << 12
 DESC_CODE = 1 << 11
-
-CR0_PE = 1
-EFER_LMA = 1 << 10
-RFLAGS_VM = 1 << 17
 
 
 @dataclass(frozen=True, slots=True)

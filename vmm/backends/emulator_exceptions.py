@@ -44,6 +44,7 @@ from vmm.backends.emulator_env import (
     Env,
 )
 from vmm.backends.emulator_paging import LinearMemory, PageFault
+from vmm.cpu.bits import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF
 from vmm.memory import GuestMemory
 
 DE, DB, NMI, BP, OF, BR, UD, NM, DF = range(9)
@@ -52,11 +53,6 @@ AC, CP = 17, 21
 WITH_ERROR_CODE = frozenset({DF, TS, NP, SSF, GP, PF, AC, CP})
 CONTRIBUTORY = frozenset({DE, TS, NP, SSF, GP})
 
-RFLAGS_TF = 1 << 8
-RFLAGS_IF = 1 << 9
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_AC = 1 << 18
 DESC_C = 1 << 10  # conforming code
 DESC_W = 1 << 9  # writable data
 RSP = 4  # env.regs index

@@ -25,6 +25,7 @@ from vmm.backends.emulator_paging import LinearMemory, PageFault
 from vmm.backends.emulator_platform import PARKED, RUNNING, WAIT_SIPI
 from vmm.backends.emulator_state import apply_state, read_pc
 from vmm.backends.emulator_stubs import MAGIC, native_code
+from vmm.cpu.bits import RFLAGS_IF
 from vmm.cpu.layout import CpuMode
 from vmm.cpu.state import LDT_NONE, CpuState, Segment
 from vmm.exits import crashed
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from vmm.backends.emulator_turns import Turns
     from vmm.memory import GuestMemory
 
-RFLAGS_IF = 1 << 9
 HALTED_AGAIN = VcpuOutcome(Ending.HALTED, "waiting for SIPI again (after an INIT)")
 _PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
 _SIPI_DATA = Segment(selector=0, base=0, limit=0xFFFF, type=0x3)

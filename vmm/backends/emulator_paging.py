@@ -13,24 +13,25 @@ as not present. Reserved-bit and protection-key checks are not made.
 
 from __future__ import annotations
 
+from vmm.cpu.bits import (
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PSE,
+    EFER_LMA,
+    PTE_A,
+    PTE_D,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
+    PTE_US,
+)
 from vmm.errors import GuestMemoryError
 from vmm.memory import GuestMemory
 
 PAGE = 4096
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PSE = 1 << 4
-CR4_PAE = 1 << 5
-CR4_LA57 = 1 << 12
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
 
-PTE_P = 1
-PTE_RW = 1 << 1
-PTE_US = 1 << 2
-PTE_A = 1 << 5
-PTE_D = 1 << 6
-PTE_PS = 1 << 7
 
 PF_P = 1  # error code bits
 PF_W = 1 << 1

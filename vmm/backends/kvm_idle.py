@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from kvm_abi import MpState
+from vmm.cpu.bits import RFLAGS_IF
 
-RFLAGS_IF = 1 << 9
 PROBE_WAIT_SECONDS = 0.5
 _ASLEEP = (int(MpState.UNINITIALIZED), int(MpState.INIT_RECEIVED))
 

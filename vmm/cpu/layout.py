@@ -76,23 +76,3 @@ SEL_CODE32 = 0x18
 SEL_USER_DATA = 0x20 | 3
 SEL_USER_CODE64 = 0x28 | 3
 SEL_TSS = 0x30
-
-# Control-register and flag bits (named as in the SDM).
-CR0_PE = 1 << 0
-CR0_MP = 1 << 1
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_OSFXSR = 1 << 9
-CR4_OSXMMEXCPT = 1 << 10
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-RFLAGS_FIXED = 1 << 1
-RFLAGS_IOPL3 = 3 << 12
-
-PTE_PRESENT = 1 << 0
-PTE_WRITE = 1 << 1
-PTE_USER = 1 << 2
-PTE_LARGE = 1 << 7

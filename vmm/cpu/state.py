@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from vmm.cpu.layout import (
+from vmm.cpu.bits import (
     CR0_ET,
     CR0_MP,
     CR0_NE,
@@ -19,12 +19,14 @@ from vmm.cpu.layout import (
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
-    PTE_LARGE,
-    PTE_PRESENT,
-    PTE_USER,
-    PTE_WRITE,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
+    PTE_US,
     RFLAGS_FIXED,
     RFLAGS_IOPL3,
+)
+from vmm.cpu.layout import (
     SEL_CODE32,
     SEL_CODE64,
     SEL_DATA,
@@ -263,7 +265,7 @@ def write_page_tables(mem: GuestMemory, size: int) -> None:
         raise InputError(f"cannot identity-map {size >> 30} GiB (at most {BootLayout.MAX_MAPPED >> 30} GiB)")
     base = BootLayout.PAGE_TABLES
     pdpt = base + 0x1000
-    flags = PTE_PRESENT | PTE_WRITE | PTE_USER
+    flags = PTE_P | PTE_RW | PTE_US
     mem.write(base, struct.pack("<Q", pdpt | flags) + bytes(0xFF8))
     mem.write(
         pdpt,
@@ -272,4 +274,4 @@ def write_page_tables(mem: GuestMemory, size: int) -> None:
     for i in range(gib):
         pd = base + 0x2000 + i * 0x1000
         first = i * GiB
-        mem.write(pd, b"".join(struct.pack("<Q", (first + j * (2 << 20)) | flags | PTE_LARGE) for j in range(512)))
+        mem.write(pd, b"".join(struct.pack("<Q", (first + j * (2 << 20)) | flags | PTE_PS) for j in range(512)))

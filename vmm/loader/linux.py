@@ -60,7 +60,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from vmm.cpu.layout import (
+from vmm.cpu.bits import (
     CR0_ET,
     CR0_MP,
     CR0_NE,
@@ -70,10 +70,12 @@ from vmm.cpu.layout import (
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
-    PTE_LARGE,
-    PTE_PRESENT,
-    PTE_WRITE,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
     RFLAGS_FIXED,
+)
+from vmm.cpu.layout import (
     BootLayout,
     CpuMode,
     GiB,
@@ -131,10 +133,10 @@ def identity_page_tables(base: int, size: int = IDENTITY_MAPPED) -> bytes:
     gib = size // GiB
     if size % GiB or not 1 <= gib <= 512:
         raise ValueError(f"identity map of {size:#x} bytes: whole GiB, 1 to 512")
-    flags = PTE_PRESENT | PTE_WRITE
+    flags = PTE_P | PTE_RW
     pml4 = struct.pack("<Q", (base + PAGE) | flags).ljust(PAGE, b"\0")
     pdpt = struct.pack(f"<{gib}Q", *((base + (2 + i) * PAGE) | flags for i in range(gib))).ljust(PAGE, b"\0")
-    pds = struct.pack(f"<{512 * gib}Q", *((i * 2 * MiB) | flags | PTE_LARGE for i in range(512 * gib)))
+    pds = struct.pack(f"<{512 * gib}Q", *((i * 2 * MiB) | flags | PTE_PS for i in range(512 * gib)))
     return pml4 + pdpt + pds
 
 
