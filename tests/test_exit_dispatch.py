@@ -67,7 +67,7 @@ def test_port_writes_reach_their_devices(machine_bus):
 
 
 def test_port_reads_fill_the_exit_data(machine_bus):
-    bus, dev = machine_bus
+    bus, _ = machine_bus
     ex.dispatch(bus, ex.IoOut(MARK_PORT, 4, 1, view(b"\x01\x00\x00\x00")))
     data = view(b"\xee" * 4)
     assert ex.dispatch(bus, ex.IoIn(MARK_PORT, 4, 1, data)) is ex.Next.RUN
