@@ -26,10 +26,9 @@ from enum import StrEnum
 from types import TracebackType
 
 import kvm_abi as abi
-from kvm_abi import KvmError, ffi
+from kvm_abi import PAGE_SIZE, KvmError, ffi
 from vmm.errors import ConfigError, GuestMemoryError, InputError
 
-PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
 
 

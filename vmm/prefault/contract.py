@@ -24,11 +24,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvm_abi import ffi
+from kvm_abi import PAGE_SIZE, errno_name, ffi
 from vmm.errors import VmmError
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 U64_MASK = (1 << 64) - 1
 
 Call = Callable[[Any, Any], int]
@@ -60,13 +59,6 @@ class _Retries:
         time.sleep(self._delay)  # sleep(0) still yields the GIL
         self._delay = min(_BACKOFF_MAX, max(_BACKOFF_START, self._delay * 2))
         return time.monotonic() - self._since < MAX_SECONDS_WITHOUT_PROGRESS
-
-
-def errno_name(err: int) -> str:
-    """``EOPNOTSUPP`` rather than Python's alias ``ENOTSUP`` for 95, else errno's name."""
-    if err == errno.EOPNOTSUPP:
-        return "EOPNOTSUPP"
-    return errno.errorcode.get(err, f"errno {err}")
 
 
 class PrefaultError(VmmError):
