@@ -39,6 +39,28 @@ def test_backings_map_read_write_and_close(backing):
         host.view  # noqa: B018
 
 
+def vm_flags(addr: int) -> set[str]:
+    """The VmFlags of the mapping that starts at ``addr``, from /proc/self/smaps."""
+    start = f"{addr:x}-"
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0]:
+                inside = line.startswith(start)
+            elif inside and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping starts at {addr:#x}")
+
+
+@pytest.mark.parametrize(("backing", "flag"), [("anon", "nh"), ("thp", "hg")])
+def test_anon_asks_for_4k_pages_and_thp_for_huge_pages(backing, flag):
+    """anon is MADV_NOHUGEPAGE (4 KiB pages even where THP is "always"), thp MADV_HUGEPAGE:
+    the kernel records each as a VmFlag of the mapping."""
+    with HostMemory.allocate(4 * MiB, backing) as host:
+        flags = vm_flags(host.addr)
+        assert flag in flags and ({"nh", "hg"} - {flag}).isdisjoint(flags), flags
+
+
 def test_hugetlb_without_reserved_pages_says_how_to_reserve(monkeypatch):
     monkeypatch.setattr("vmm.memory.hugetlb_pages_free", lambda: 0)
     with pytest.raises(ConfigError) as info:

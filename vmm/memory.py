@@ -8,7 +8,7 @@ otherwise. Devices never index raw buffers with guest-supplied numbers.
 Backings (``--memory``):
 
 ========== ==============================================================
-anon       anonymous private memory, 4 KiB pages
+anon       anonymous private memory, 4 KiB pages (MADV_NOHUGEPAGE, whatever the host's THP mode)
 thp        anonymous, 2 MiB aligned, MADV_HUGEPAGE (the default: fastest first touch)
 memfd      memfd_create + MAP_SHARED (shareable with other processes)
 hugetlb    MAP_HUGETLB 2 MiB pages from the host's reserved pool
@@ -96,6 +96,12 @@ class HostMemory:
         if backing is Backing.ANON:
             flags = abi.MAP_PRIVATE | abi.MAP_ANONYMOUS | abi.MAP_NORESERVE
             addr = abi.libc_mmap(size, rw, flags)
+            # A host with THP "always" would hand out 2 MiB pages here too; anon means
+            # 4 KiB pages, so that choosing it (to compare fault counts, say) is a choice.
+            try:
+                abi.libc_madvise(addr, size, abi.MADV_NOHUGEPAGE)
+            except KvmError:
+                pass  # a kernel without THP: 4 KiB pages anyway
             return cls(addr, size, backing, -1, addr, size)
         if backing is Backing.THP:
             return cls._allocate_thp(size)
