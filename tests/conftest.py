@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,17 @@ def guest() -> object:
         return str(p)
 
     return path
+
+
+@pytest.fixture(scope="session")
+def rebuilt_guests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """guests/ rebuilt from its sources with the Makefile's rules, in a scratch copy
+    (committed images left out): the folder of the fresh images. Built once a session."""
+    for tool in ("as", "ld", "make"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"rebuilding guests needs GNU {tool}")
+    work = tmp_path_factory.mktemp("rebuild")
+    shutil.copy(ROOT / "Makefile", work / "Makefile")
+    shutil.copytree(GUESTS, work / "guests", ignore=shutil.ignore_patterns("build", "*.elf", "*.bin"))
+    subprocess.run(["make", "-s", "guests"], cwd=work, check=True, capture_output=True, timeout=120)
+    return work / "guests"

@@ -125,16 +125,9 @@ def test_image_is_a_multiboot_elf32_with_one_header_in_its_first_8k(name):
         assert start == MiB
 
 
-@pytest.fixture(scope="module")
-def rebuilt(tmp_path_factory) -> Path:
-    for tool in ("as", "ld", "make"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"rebuilding guests needs GNU {tool}")
-    work = tmp_path_factory.mktemp("rebuild-pc")
-    shutil.copy(ROOT / "Makefile", work / "Makefile")
-    shutil.copytree(ROOT / "guests", work / "guests", ignore=shutil.ignore_patterns("build", "*.elf", "*.bin"))
-    subprocess.run(["make", "-s", "guests"], cwd=work, check=True, capture_output=True, timeout=120)
-    return work / "guests" / "pc"
+@pytest.fixture
+def rebuilt(rebuilt_guests: Path) -> Path:
+    return rebuilt_guests / "pc"
 
 
 @pytest.mark.parametrize("name", IMAGES)
