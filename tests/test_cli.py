@@ -180,14 +180,14 @@ def test_caps_reports_capabilities_by_name():
     assert "PRE_FAULT_MEMORY" in text.stdout and "pre-fault:" in text.stdout
     report = json.loads(vmm("caps", "--json").stdout)
     assert report["api_version"] == 12
-    assert report["kvm"] is True and report["backend"] == "kvm"
-    assert report["USER_MEMORY"] == 1
-    assert isinstance(report["PRE_FAULT_MEMORY"], int)
+    assert report["kvm_usable"] is True and report["backend"] == "kvm"
+    assert report["capabilities"]["USER_MEMORY"] == 1
+    assert isinstance(report["capabilities"]["PRE_FAULT_MEMORY"], int)
 
 
 def test_caps_without_kvm_names_the_reason_and_the_fallback():
     report = json.loads(vmm("caps", "--json", env={"VMM_KVM_DEVICE": "/nonexistent/kvm"}).stdout)
-    assert report["kvm"] is False and report["backend"] == "emulator"
+    assert report["kvm_usable"] is False and report["backend"] == "emulator"
     assert "no such device" in report["reason"]
 
 

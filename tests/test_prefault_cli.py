@@ -14,7 +14,7 @@ from vmm_cli import vmm
 from vmm.cli.prefault import Row, format_table, pass_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
-ROW_KEYS = {"strategy", "backing", "populate_seconds", "gib_per_s", "first_pass_seconds", "second_pass_seconds"}
+ROW_KEYS = {"strategy_requested", "backing", "seconds", "gib_per_s", "first_pass_seconds", "second_pass_seconds"}
 
 
 def kernel_has_prefault() -> bool:
@@ -29,15 +29,15 @@ def kernel_has_prefault() -> bool:
 def test_prefault_command_prints_one_json_row_per_strategy():
     proc = vmm("prefault", "--mem", "64M", "--strategy", "none", "--strategy", "host,auto", "--json")
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
-    assert [r["strategy"] for r in rows] == ["none", "host", "auto"]
+    rows = json.loads(proc.stdout)["rows"]
+    assert [r["strategy_requested"] for r in rows] == ["none", "host", "auto"]
     for row in rows:
         assert row.keys() >= ROW_KEYS
         assert row["backing"] == "thp"  # the default backing
         assert row["first_pass_seconds"] > 0 and row["second_pass_seconds"] > 0
     none, host, auto = rows
-    assert none["populate_seconds"] == 0 and none["gib_per_s"] is None
-    assert host["populate_seconds"] > 0 and host["gib_per_s"] > 0
+    assert none["seconds"] == 0 and none["gib_per_s"] is None
+    assert host["seconds"] > 0 and host["gib_per_s"] > 0
     assert host["resident_bytes"] == auto["resident_bytes"] == 64 << 20
     assert proc.stderr == ""  # silent: no bar with --json or without a terminal
 
@@ -81,9 +81,9 @@ def test_run_json_has_the_prefault_object():
     assert proc.returncode == 1, proc.stderr
     out = json.loads(proc.stdout)
     pf = out["prefault"]
-    assert {"strategy", "reason", "bytes", "seconds", "resident_bytes"} <= pf.keys()
-    assert pf["bytes"] == pf["resident_bytes"] == 64 << 20
-    assert pf["requested"] == "auto" and pf["reason"]
+    assert {"strategy_used", "reason", "bytes_done", "seconds", "resident_bytes"} <= pf.keys()
+    assert pf["bytes_done"] == pf["resident_bytes"] == 64 << 20
+    assert pf["strategy_requested"] == "auto" and pf["reason"]
     assert len(pass_seconds([(m["ns"], m["vcpu"], m["value"]) for m in out["marks"]])) == 2
 
 

@@ -342,8 +342,8 @@ def test_machine_reports_ram_resident_before_the_guest_starts():
     result = Machine(config).run()
     assert result.status == 1, result.reason
     report = result.to_json()["prefault"]
-    assert {"strategy", "reason", "bytes", "seconds", "resident_bytes"} <= report.keys()
-    assert report["bytes"] == report["resident_bytes"] == 64 * MiB
+    assert {"strategy_used", "reason", "bytes_done", "seconds", "resident_bytes"} <= report.keys()
+    assert report["bytes_done"] == report["resident_bytes"] == 64 * MiB
     assert "resident" in result.prefault.summary()
 
 

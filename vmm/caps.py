@@ -51,31 +51,43 @@ def _vm_types(mask: int) -> str:
 
 
 def caps_report() -> dict[str, Any]:
-    """A flat dict: capability names (without ``KVM_CAP_``) -> values, plus lowercase
-    keys ``device``, ``api_version``, ``kvm`` (usable?), ``backend`` (what ``auto`` picks),
-    ``reason`` (why not KVM) and ``notes`` (what the values mean)."""
+    """The ``vmm caps --json`` object (schema ``vmm/schema/caps.json``): ``device``,
+    ``kvm_usable``, ``backend`` (what ``auto`` picks), ``reason`` (why not KVM, else None),
+    ``api_version``, ``capabilities`` (names without ``KVM_CAP_`` -> values) and ``notes``
+    (what the values mean)."""
+    from vmm.schema import SCHEMA_VERSION
+
     device = kvm_device_path()
-    report: dict[str, Any] = {"device": device}
+    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "device": device}
+    caps: dict[str, int] = {}
     try:
         with Kvm(device) as kvm:
-            report["api_version"] = kvm.get_api_version()
+            api_version = kvm.get_api_version()
             for cap in USED_CAPS:
-                report[cap.name] = kvm.check_extension(cap)
+                caps[cap.name] = kvm.check_extension(cap)
             with kvm.create_vm() as vm:
                 # What a default VM gets can differ from /dev/kvm's answer: guest_memfd and
                 # memory attributes depend on the VM type (6.12: 1 and 8 on /dev/kvm, 0 on a
                 # default VM), so report those as a default VM sees them.
                 for cap in PER_VM_CAPS:
-                    report[cap.name] = vm.check_extension(cap)
+                    caps[cap.name] = vm.check_extension(cap)
     except (Unavailable, KvmError) as e:
-        report.update(kvm=False, backend="emulator", reason=str(e), notes=[f"KVM is not usable: {e}"])
+        report.update(
+            kvm_usable=False,
+            backend="emulator",
+            reason=str(e),
+            api_version=None,
+            capabilities={},
+            notes=[f"KVM is not usable: {e}"],
+        )
         return report
-    report.update(kvm=True, backend="kvm", reason="")
-    report["notes"] = _notes(report)
+    report.update(
+        kvm_usable=True, backend="kvm", reason=None, api_version=api_version, capabilities=caps, notes=_notes(caps)
+    )
     return report
 
 
-def _notes(r: dict[str, Any]) -> list[str]:
+def _notes(r: dict[str, int]) -> list[str]:
     notes = []
     if r["PRE_FAULT_MEMORY"]:
         notes.append("pre-fault: available (KVM_PRE_FAULT_MEMORY; --prefault auto uses it)")
@@ -108,7 +120,7 @@ def _notes(r: dict[str, Any]) -> list[str]:
 def format_caps(r: dict[str, Any]) -> str:
     """The human-readable table."""
     lines = [f"device       {r['device']}"]
-    if not r.get("kvm"):
+    if not r["kvm_usable"]:
         lines += [f"kvm          not usable: {r['reason']}", "backend      emulator (what --backend auto picks)"]
         return "\n".join(lines)
     lines.append(f"api version  {r['api_version']}")
@@ -116,7 +128,7 @@ def format_caps(r: dict[str, Any]) -> str:
     lines.append("capabilities")
     for cap in USED_CAPS:
         where = "  on a default VM" if cap in PER_VM_CAPS else ""
-        lines.append(f"  {cap.name:<24} {r[cap.name]:>6}  (KVM_CAP_{cap.name} = {int(cap)}){where}")
+        lines.append(f"  {cap.name:<24} {r['capabilities'][cap.name]:>6}  (KVM_CAP_{cap.name} = {int(cap)}){where}")
     lines.append("meaning")
     lines += [f"  {n}" for n in r["notes"]]
     return "\n".join(lines)

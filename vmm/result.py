@@ -82,8 +82,11 @@ class RunResult:
         return line
 
     def to_json(self) -> dict[str, Any]:
-        """The ``vmm run --json`` object."""
+        """The ``vmm run --json`` object (schema ``vmm/schema/run.json``)."""
+        from vmm.schema import SCHEMA_VERSION
+
         out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
             "status": self.status,
             "reason": self.reason,
             "console": self.console.decode("utf-8", errors="replace"),

@@ -1,4 +1,4 @@
-"""The ``vmm`` command: one file per subcommand (run, caps, prefault, qemu), thin.
+"""The ``vmm`` command: one file per subcommand (run, caps, prefault, qemu, schema), thin.
 
 This is the only place that catches broadly: anything the user or the guest did becomes
 one line ``vmm: ...`` on stderr and a status (``-v`` adds detail); a traceback only ever
@@ -9,7 +9,9 @@ stdout/stderr never changes the guest's status (:mod:`vmm.cli.streams`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -22,12 +24,21 @@ STATUS_INTERRUPTED = 130
 STATUS_INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: even, and no guest can produce it
 
 
+class UsageError(SystemExit):
+    """A command line argparse refused: status 2, reported by :func:`main` or
+    :func:`dispatch` (as JSON on stdout too under ``--json``)."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(2)
+        self.message = message
+        self.prog = prog
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line ``vmm: ...`` and status 2."""
 
     def error(self, message: str) -> NoReturn:
-        streams.notice(f"{message} (see '{self.prog} --help')")
-        raise SystemExit(2)
+        raise UsageError(message, self.prog)
 
     def _print_message(self, message: str, file: object = None) -> None:
         # --help and --version go to stdout; a closed or broken stdout must not traceback.
@@ -36,7 +47,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vmm`` parser with every subcommand."""
-    from vmm.cli import caps, prefault, qemu, run
+    from vmm.cli import caps, prefault, qemu, run, schema
 
     parser = Parser(prog="vmm", description="Run tiny guest images on KVM (or an in-process emulator).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -45,21 +56,63 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_parser(sub)
     prefault.add_parser(sub)
     qemu.add_parser(sub)
+    schema.add_parser(sub)
     return parser
+
+
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for ``--json`` (or an abbreviation argparse would take), so an
+    error found before or while parsing is reported as JSON too. ``vmm qemu``'s arguments
+    are QEMU's, never ours."""
+    if argv and argv[0] == "qemu":
+        return False
+    for arg in argv:
+        if arg == "--":
+            break
+        if len(arg) >= 3 and "--json".startswith(arg):
+            return True
+    return False
+
+
+def fail(message: str, status: int, *, json_output: bool) -> int:
+    """Report an error: one line on stderr and, under ``--json``, the error object
+    (``vmm/schema/error.json``) on stdout. Returns ``status``."""
+    streams.notice(message)
+    if json_output:
+        from vmm.schema import SCHEMA_VERSION
+
+        error = {"schema_version": SCHEMA_VERSION, "error": message, "status": status}
+        try:
+            streams.write_text(json.dumps(error) + "\n")
+        except streams.BrokenStdout:
+            return STATUS_BROKEN_PIPE
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vmm`` console script; returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        ns = build_parser().parse_args(argv)
-    except SystemExit as e:
+        ns = build_parser().parse_args(args)
+    except UsageError as e:
+        return _usage_error(e, json_output=wants_json(args))
+    except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 2
     return dispatch(ns)
 
 
+def _usage_error(e: UsageError, *, json_output: bool) -> int:
+    if json_output:
+        return fail(e.message, 2, json_output=True)
+    streams.notice(f"{e.message} (see '{e.prog} --help')")
+    return 2
+
+
 def dispatch(ns: argparse.Namespace) -> int:
-    """Run the parsed command, mapping every error to its one line and status."""
+    """Run the parsed command, mapping every error to its one line and status (and,
+    under ``--json``, to the error object on stdout)."""
     verbose = bool(getattr(ns, "verbose", False))
+    as_json = bool(getattr(ns, "json", False))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="vmm: %(name)s: %(message)s",
@@ -67,21 +120,20 @@ def dispatch(ns: argparse.Namespace) -> int:
     )
     try:
         return int(ns.handler(ns))
+    except UsageError as e:  # `vmm qemu` parses the `vmm run` line it translated to
+        return _usage_error(e, json_output=as_json)
     except VmmError as e:
-        streams.notice(str(e))
         if verbose:
             logging.getLogger("vmm").debug("details", exc_info=True)
-        return e.status
+        return fail(str(e), e.status, json_output=as_json)
     except KvmError as e:  # KVM refused something the configuration asked for
-        streams.notice(str(e))
-        return 2
+        return fail(str(e), 2, json_output=as_json)
     except KeyboardInterrupt:
-        streams.notice("interrupted")
-        return STATUS_INTERRUPTED
+        return fail("interrupted", STATUS_INTERRUPTED, json_output=as_json)
     except streams.BrokenStdout:
         return STATUS_BROKEN_PIPE
     except Exception as e:  # a bug in the VMM: its own status, never one a guest could give
-        streams.notice(f"internal error in the VMM (a bug; -v shows the traceback): {e!r}")
         if verbose:
             logging.getLogger("vmm").error("traceback", exc_info=True)
-        return STATUS_INTERNAL_ERROR
+        message = f"internal error in the VMM (a bug; -v shows the traceback): {e!r}"
+        return fail(message, STATUS_INTERNAL_ERROR, json_output=as_json)

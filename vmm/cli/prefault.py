@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -59,15 +60,19 @@ class Row:
         return self.first_pass_seconds / self.second_pass_seconds if self.second_pass_seconds > 0 else float("inf")
 
     def to_json(self) -> dict[str, Any]:
+        """One row of ``vmm prefault --json`` (the same names as ``vmm run --json``'s
+        ``prefault``: ``seconds`` is the population's)."""
+        ratio = self.ratio
         return {
-            "strategy": self.strategy,
-            "used": self.used,
+            "strategy_requested": self.strategy,
+            "strategy_used": self.used,
             "backing": self.backing,
-            "populate_seconds": round(self.populate_seconds, 6),
+            "seconds": round(self.populate_seconds, 6),
             "gib_per_s": None if self.gib_per_s is None else round(self.gib_per_s, 3),
             "first_pass_seconds": round(self.first_pass_seconds, 6),
             "second_pass_seconds": round(self.second_pass_seconds, 6),
-            "first_second_ratio": round(self.ratio, 3),
+            # JSON has no infinity: a second pass too short to measure gives null
+            "first_second_ratio": round(ratio, 3) if math.isfinite(ratio) else None,
             "resident_bytes": self.resident_bytes,
             "reason": self.reason,
         }
@@ -176,6 +181,20 @@ def compare(
     return [median_row(runs[s]) for s in strategies]
 
 
+def to_json(rows: list[Row], *, mem: int, backing: str, repeat: int) -> dict[str, Any]:
+    """The ``vmm prefault --json`` object (schema ``vmm/schema/prefault.json``)."""
+    from vmm.schema import SCHEMA_VERSION
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "mem_bytes": mem,
+        "backing": backing,
+        "passes": PASSES,
+        "repeat": repeat,
+        "rows": [r.to_json() for r in rows],
+    }
+
+
 def format_table(rows: list[Row], mem: int) -> str:
     """The human-readable table, with prefault + first pass relative to ``none``."""
     cold = next((r.first_pass_seconds for r in rows if r.strategy == "none"), None)
@@ -247,7 +266,10 @@ def cmd_prefault(ns: argparse.Namespace) -> int:
     )
     # Through streams, as every subcommand: a closed pipe is the shell's 141, a full disk
     # one line on stderr, never "an internal error".
-    streams.write_text((json.dumps([r.to_json() for r in rows]) if ns.json else format_table(rows, mem)) + "\n")
+    if ns.json:
+        streams.write_text(json.dumps(to_json(rows, mem=mem, backing=ns.memory, repeat=ns.repeat)) + "\n")
+    else:
+        streams.write_text(format_table(rows, mem) + "\n")
     return 0
 
 
@@ -280,6 +302,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per strategy; medians are shown")
     p.add_argument("--image", metavar="ELF", help="the memtouch guest (default guests/memtouch64.elf)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help="per run")
-    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
+    p.add_argument("--json", action="store_true", help="one JSON object (rows: one per strategy), not the table")
     p.set_defaults(handler=cmd_prefault)
     return p

@@ -15,7 +15,7 @@ class Step:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "bytes": self.bytes, "seconds": round(self.seconds, 6)}
+        return {"name": self.name, "bytes_done": self.bytes, "seconds": round(self.seconds, 6)}
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,18 @@ class PrefaultReport:
         return self.bytes_done / self.seconds / (1 << 30)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``prefault`` object of ``vmm run --json``."""
+        """The ``prefault`` object of ``vmm run --json`` (``prefault_report`` in
+        ``vmm/schema/run.json``: ``strategy_requested``/``strategy_used``, ``bytes_*``)."""
         rate = self.gib_per_s
         return {
-            "strategy": self.strategy,
-            "requested": self.requested,
+            "strategy_requested": self.requested,
+            "strategy_used": self.strategy,
             "reason": self.reason,
-            "bytes": self.bytes_done,
             "bytes_requested": self.bytes_requested,
+            "bytes_done": self.bytes_done,
             "seconds": round(self.seconds, 6),
             "gib_per_s": None if rate is None else round(rate, 3),
-            "resident_before": self.resident_before,
+            "resident_bytes_before": self.resident_before,
             "resident_bytes": self.resident_bytes,
             "threads": self.threads,
             "backing": self.backing,
