@@ -1,6 +1,9 @@
 """pytest plugin for testing guest images with vmm (registered as ``pytest11: vmm``).
 
-It probes the host once per session (never raising) and offers:
+It probes the host lazily, once per session and never raising: only when a test uses one of
+its markers or fixtures (a suite that uses neither never loads the VMM, never opens
+/dev/kvm, and shows no ``vmm:`` line). Where a test's requirement is missing, the test is
+skipped with the reason, at the test. It offers:
 
 markers
     ``kvm``                    needs a usable /dev/kvm; skipped with the reason otherwise
@@ -23,8 +26,12 @@ fixtures
 
 options
     ``--vmm-backend {auto,kvm,emulator,all}`` (ini: ``vmm_backend``)
-    ``--vmm-require-kvm``  fail, instead of skip, a test whose KVM or capability is missing:
-                           for CI jobs that must exercise the kernel path (the lab uses it)
+    ``--vmm-require-kvm``  fail, instead of skip, a test whose KVM or capability is missing
+                           (a failure of that test, its body not run): for CI jobs that must
+                           exercise the kernel path (the lab uses it)
+
+The ``vmm: ...`` line saying what the probe found follows "collected N items" when some
+collected test uses the plugin.
 """
 
 from __future__ import annotations
@@ -97,6 +104,41 @@ class HostProbe:
 
 
 PROBE = pytest.StashKey[HostProbe]()
+# Under --vmm-require-kvm: why this test must fail; it fails in its call phase, so pytest
+# reports a FAILURE of the test rather than an ERROR in setup.
+MISSING = pytest.StashKey[str]()
+KVM_MARKERS = ("kvm", "requires_cap", "requires_vm_type")
+MARKERS = (*KVM_MARKERS, "emulator")
+FIXTURES = ("kvm", "vm", "vmm_backend", "machine_factory")
+
+
+def host_probe(config: pytest.Config) -> HostProbe:
+    """The session's :class:`HostProbe`, made the first time a test needs it."""
+    probe = config.stash.get(PROBE, None)
+    if probe is None:
+        probe = config.stash[PROBE] = HostProbe.run()
+    return probe
+
+
+def uses_vmm(item: pytest.Item) -> bool:
+    """Whether ``item`` has one of this plugin's markers or requests one of its fixtures
+    (by definition, not by name: a suite's own ``vm`` fixture does not count)."""
+    if any(item.get_closest_marker(name) is not None for name in MARKERS):
+        return True
+    info = getattr(item, "_fixtureinfo", None)
+    defs: dict[str, Any] = getattr(info, "name2fixturedefs", None) or {}
+    return any(_is_ours(defs.get(name, ())) for name in FIXTURES)
+
+
+def _is_ours(chain: Any) -> bool:
+    """Whether the fixture that serves a name is this plugin's, or overrides it and requests
+    it (``chain`` is pytest's list of definitions for one name, the one in force last)."""
+    for fixturedef in reversed(chain):
+        if getattr(getattr(fixturedef, "func", None), "__module__", None) == __name__:
+            return True
+        if fixturedef.argname not in getattr(fixturedef, "argnames", ()):
+            return False  # an override that does not build on ours
+    return False
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -115,11 +157,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "requires_vm_type(name): needs KVM to accept VM type `name` (e.g. 'SW_PROTECTED')"
     )
     config.addinivalue_line("markers", "emulator: needs the in-process emulator backend (unicorn)")
-    config.stash[PROBE] = HostProbe.run()
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"vmm: {config.stash[PROBE].describe()}"
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str | None:
+    """``vmm: <what the probe found>``, only when a collected test uses the plugin."""
+    if not any(uses_vmm(item) for item in items):
+        return None
+    return f"vmm: {host_probe(config).describe()}"
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:
@@ -127,7 +171,7 @@ def _selected_backends(config: pytest.Config) -> list[str]:
     if choice == "all":
         return ["kvm", "emulator"]
     if choice == "auto":
-        return ["kvm" if config.stash[PROBE].kvm_usable else "emulator"]
+        return ["kvm" if host_probe(config).kvm_usable else "emulator"]
     return [choice]
 
 
@@ -136,7 +180,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("vmm_backend", _selected_backends(metafunc.config), indirect=True)
 
 
-def _skip_reason(probe: HostProbe, item: pytest.Item) -> str | None:
+def _skip_reason(config: pytest.Config, item: pytest.Item) -> str | None:
+    """Why a KVM marker (kvm, requires_cap, requires_vm_type) of ``item`` is not met here."""
+    if not any(item.get_closest_marker(name) is not None for name in KVM_MARKERS):
+        return None  # no probe for a test without these markers
+    probe = host_probe(config)
     if item.get_closest_marker("kvm") and not probe.kvm_usable:
         return f"requires /dev/kvm: {probe.kvm_reason}"
     for mark in item.iter_markers("requires_cap"):
@@ -153,37 +201,69 @@ def _skip_reason(probe: HostProbe, item: pytest.Item) -> str | None:
             return f"requires VM type {name}: no usable KVM ({probe.kvm_reason})"
         if not probe.caps.get("VM_TYPES", 0) & (1 << VmType[name]):
             return f"requires VM type {name} (KVM_CAP_VM_TYPES is {probe.caps.get('VM_TYPES', 0):#x} here)"
-    if item.get_closest_marker("emulator") and not probe.emulator_usable:
-        return f"requires the emulator backend: {probe.emulator_reason}"
     return None
 
 
+def _emulator_reason(config: pytest.Config, item: pytest.Item) -> str | None:
+    if item.get_closest_marker("emulator") is None:
+        return None
+    probe = host_probe(config)
+    return None if probe.emulator_usable else f"requires the emulator backend: {probe.emulator_reason}"
+
+
+def _unavailable(node: pytest.Item, reason: str, *, kvm: bool = True) -> None:
+    """Skip the test for ``reason``; under --vmm-require-kvm, when it is KVM that is
+    missing, mark it to fail instead (the first reason found is the one reported)."""
+    if kvm and node.config.getoption("--vmm-require-kvm"):
+        node.stash.setdefault(MISSING, f"--vmm-require-kvm: {reason}")
+        return
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    reason = _skip_reason(item.config.stash[PROBE], item)
+    reason = _skip_reason(item.config, item)
     if reason:
-        if item.config.getoption("--vmm-require-kvm") and "emulator" not in reason:
-            pytest.fail(f"--vmm-require-kvm: {reason}", pytrace=False)
-        pytest.skip(reason)
+        _unavailable(item, reason)
+    reason = _emulator_reason(item.config, item)
+    if reason:
+        _unavailable(item, reason, kvm=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # Before the test body: a test whose KVM is missing under --vmm-require-kvm fails here.
+    reason = item.stash.get(MISSING, None)
+    if reason is not None:
+        pytest.fail(reason, pytrace=False)
+
+
+def _missing(request: pytest.FixtureRequest) -> bool:
+    return MISSING in request.node.stash
 
 
 @pytest.fixture
 def vmm_backend(request: pytest.FixtureRequest) -> str:
     """The backend this test runs on (parametrized by --vmm-backend); skips where unusable."""
     name: str = getattr(request, "param", None) or _selected_backends(request.config)[0]
-    probe = request.config.stash[PROBE]
+    probe = host_probe(request.config)
     if name == "kvm" and not probe.kvm_usable:
-        pytest.skip(f"backend kvm: requires /dev/kvm: {probe.kvm_reason}")
+        _unavailable(request.node, f"backend kvm: requires /dev/kvm: {probe.kvm_reason}")
     if name == "emulator" and not probe.emulator_usable:
-        pytest.skip(f"backend emulator: {probe.emulator_reason}")
+        _unavailable(request.node, f"backend emulator: {probe.emulator_reason}", kvm=False)
     return name
 
 
 @pytest.fixture
 def kvm(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """A /dev/kvm system handle; skips the test where KVM is unusable."""
-    probe = request.config.stash[PROBE]
+    """A /dev/kvm system handle; skips the test where KVM is unusable (None, and the test
+    fails before its body, under --vmm-require-kvm)."""
+    probe = host_probe(request.config)
     if not probe.kvm_usable:
-        pytest.skip(f"requires /dev/kvm: {probe.kvm_reason}")
+        _unavailable(request.node, f"requires /dev/kvm: {probe.kvm_reason}")
+    if _missing(request):
+        yield None
+        return
     from vmm.kvm import Kvm
 
     with Kvm() as handle:
@@ -191,8 +271,11 @@ def kvm(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 @pytest.fixture
-def vm(kvm: Any) -> Iterator[Any]:
+def vm(request: pytest.FixtureRequest, kvm: Any) -> Iterator[Any]:
     """A default-type VM with 64 MiB of anonymous RAM at guest-physical 0 (slot 0)."""
+    if kvm is None or _missing(request):
+        yield None
+        return
     with kvm.create_vm() as machine_vm:
         machine_vm.add_memory(0, 64 << 20, "anon")
         yield machine_vm
@@ -209,7 +292,10 @@ def machine_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
         default_backend = request.getfixturevalue("vmm_backend")
     else:
         default_backend = _selected_backends(request.config)[0]
-        if default_backend == "kvm" and not request.config.stash[PROBE].kvm_usable:
+        probe = host_probe(request.config)
+        if default_backend == "kvm" and not probe.kvm_usable:
+            if request.config.getoption("--vmm-require-kvm"):
+                _unavailable(request.node, f"machine_factory on kvm: requires /dev/kvm: {probe.kvm_reason}")
             default_backend = "emulator"
 
     def factory(
