@@ -142,12 +142,15 @@ class Machine:
             nr_vcpus=cfg.vcpus,
         )
         self.image = image
+        log.debug("image %s: %s, %s mode, entry %#x, at %#x-%#x", *_plan_facts(image))
         fw_cfg_files = load_fw_cfg_files(cfg.fw_cfg, self.notice)
         backend = open_backend(cfg.backend, self.notice, irqchip=cfg.irqchip)
         stack.callback(backend.close)
         self.backend = backend
+        log.info("backend %s (asked: %s), %d vCPU(s)", backend.name, cfg.backend, cfg.vcpus)
         for gpa, size in ram_ranges:
             backend.add_ram(gpa, size, cfg.memory)
+        log.debug("guest RAM %d MiB, %s: %s", cfg.mem_bytes >> 20, cfg.memory.value, _ranges(ram_ranges))
         if cfg.prefault and cfg.prefault != "none":
             self._prefault_report = self._prefault(backend, ram_ranges)
         if cfg.count_faults:
@@ -311,7 +314,10 @@ class Machine:
             self._fault_counts = [counts.get(self._vcpu_tids.get(r.index, -1), {}) for r in self.vcpus]
         if self.after_run is not None:
             self.after_run(self)
-        return self._result(seconds, timed_out, interrupted, idle, timeout)
+        result = self._result(seconds, timed_out, interrupted, idle, timeout)
+        exits = "; ".join(" ".join(f"{k}={v}" for k, v in e.items() if v) or "none" for e in result.exits)
+        log.info("%s after %.3f s; exits per vCPU: %s", result.reason, seconds, exits)
+        return result
 
     def _wait(self, threads: list[threading.Thread], started: float, timeout: float | None) -> tuple[bool, bool]:
         """Wait for the end: (timed out, every vCPU halted for good as the idle watch saw)."""
@@ -379,3 +385,11 @@ class Machine:
             console_error=self.console.error,
             faults=self._fault_counts,
         )
+
+
+def _plan_facts(image: ImagePlan) -> tuple[str, str, str, int, int, int]:
+    return image.path, image.format, image.mode.value, image.entry, image.start, image.end
+
+
+def _ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{gpa:#x}-{gpa + size:#x}" for gpa, size in ranges)

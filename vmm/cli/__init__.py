@@ -111,13 +111,11 @@ def _usage_error(e: UsageError, *, json_output: bool) -> int:
 def dispatch(ns: argparse.Namespace) -> int:
     """Run the parsed command, mapping every error to its one line and status (and,
     under ``--json``, to the error object on stdout)."""
+    from vmm.cli.logs import setup_logging
+
     verbose = bool(getattr(ns, "verbose", False))
     as_json = bool(getattr(ns, "json", False))
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="vmm: %(name)s: %(message)s",
-        stream=streams.StderrProxy(),
-    )
+    setup_logging(ns)
     try:
         return int(ns.handler(ns))
     except UsageError as e:  # `vmm qemu` parses the `vmm run` line it translated to

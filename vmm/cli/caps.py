@@ -7,11 +7,13 @@ import json
 from typing import Any
 
 from vmm.cli import streams
+from vmm.cli.logs import add_log_level
 
 
 def add_parser(sub: Any) -> None:
     caps = sub.add_parser("caps", help="what this host's KVM offers", description="Report the host's KVM capabilities.")
     caps.add_argument("--json", action="store_true", help="one JSON object (capability names without KVM_CAP_)")
+    add_log_level(caps)
     caps.set_defaults(handler=cmd_caps)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vmm.cli import streams
+from vmm.cli.logs import add_log_level
 from vmm.config import BACKENDS, MachineConfig, parse_size
 from vmm.errors import InputError, VmmError
 from vmm.memory import DEFAULT_BACKING, Backing
@@ -283,7 +284,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "guest touches every page twice. Prints populate time, GiB/s, and both pass times."
         ),
     )
-    p.add_argument("--mem", default="1G", metavar="SIZE", help="guest RAM, e.g. 1G (default 1G)")
+    p.add_argument("--mem", "-m", default="1G", metavar="SIZE", help="guest RAM, e.g. 1G (default 1G); -m as QEMU's")
     p.add_argument(
         "--memory",
         choices=[b.value for b in Backing],
@@ -303,5 +304,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--image", metavar="ELF", help="the memtouch guest (default guests/memtouch64.elf)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help="per run")
     p.add_argument("--json", action="store_true", help="one JSON object (rows: one per strategy), not the table")
+    add_log_level(p)
     p.set_defaults(handler=cmd_prefault)
     return p

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from vmm.cli import streams
+from vmm.cli.logs import add_log_level
 from vmm.config import BACKENDS, DEFAULT_TIMEOUT, MachineConfig
 from vmm.memory import DEFAULT_BACKING, Backing
 
@@ -31,10 +32,13 @@ def _arg(text: str) -> tuple[str, str]:
 
 
 def _module(text: str) -> tuple[str, str | None]:
-    path, sep, string = text.partition("=")
-    if not path:
-        raise argparse.ArgumentTypeError(f"--module {text!r}: give FILE or FILE=STRING")
-    return path, string if sep else None
+    from vmm.config_file import split_module
+    from vmm.errors import InputError
+
+    try:
+        return split_module(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _on_off(text: str) -> bool:
@@ -44,18 +48,25 @@ def _on_off(text: str) -> bool:
 
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
-    """The options of ``vmm run`` (also what ``vmm qemu`` maps onto)."""
+    """The options of ``vmm run`` (also what ``vmm qemu`` maps onto). An option the user
+    did not give is None, so ``--config FILE`` can fill it; MachineConfig has the defaults."""
     run.add_argument(
         "image",
         nargs="?",
         help="guest image: Linux bzImage or PVH vmlinux, Multiboot kernel, ELF32/ELF64 executable or flat binary",
     )
     run.add_argument("--kernel", metavar="FILE", help="the same as IMAGE (QEMU's and Firecracker's name for it)")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the machine from a JSON or TOML file of MachineConfig fields (image, mem, vcpus, ...); "
+        "the options given here override it",
+    )
     run.add_argument("--initrd", metavar="FILE", help="Linux: the initramfs")
     run.add_argument(
-        "--mem", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M, 1G (bare number: MiB; default 64M)"
+        "--mem", "-m", metavar="SIZE", help="guest RAM, e.g. 64M, 1G (bare number: MiB; default 64M); -m as QEMU's"
     )
-    run.add_argument("--vcpus", default="1", metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--vcpus", "-smp", metavar="N", help="number of vCPUs (default 1); -smp as QEMU's")
     run.add_argument("--mode", metavar="MODE", help="CPU mode: real, protected, long, user (default: the image's)")
     run.add_argument(
         "--load-addr", metavar="ADDR", help="flat binaries: where to load (default 0x7c00 real mode, else 0x100000)"
@@ -66,7 +77,6 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--append",
-        default="",
         metavar="TEXT",
         help="the kernel command line (Linux: after 'console=ttyS0 reboot=k panic=-1'; Multiboot: after the image)",
     )
@@ -88,24 +98,24 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--irqchip",
         type=_on_off,
-        default=True,
         metavar="on|off",
         help="KVM: the PC's interrupt controllers and PIT in the kernel (default on)",
     )
     run.add_argument(
         "--timeout",
-        default=str(DEFAULT_TIMEOUT),
         metavar="SECONDS",
         help=f"stop the guest after this long (default {DEFAULT_TIMEOUT:g}; 0 = never)",
     )
-    run.add_argument("--strict", action="store_true", help="an access to a port or address no device claims is fatal")
     run.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="where vCPUs run (default auto: KVM if usable)"
+        "--strict",
+        action="store_true",
+        default=None,
+        help="an access to a port or address no device claims is fatal",
     )
+    run.add_argument("--backend", choices=BACKENDS, help="where vCPUs run (default auto: KVM if usable)")
     run.add_argument(
         "--memory",
         choices=[b.value for b in Backing],
-        default=DEFAULT_BACKING.value,
         help=f"guest RAM backing (default {DEFAULT_BACKING.value})",
     )
     run.add_argument(
@@ -119,11 +129,13 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--count-faults",
         action="store_true",
+        default=None,
         help="KVM: count the stage-2/shadow page faults each vCPU takes (tracefs); in the summary and --json",
     )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the console")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging and registers on a crash")
+    add_log_level(run)
 
 
 def add_parser(sub: Any) -> None:
@@ -138,33 +150,51 @@ def add_parser(sub: Any) -> None:
     run.set_defaults(handler=cmd_run)
 
 
-def config_from(ns: argparse.Namespace) -> MachineConfig:
-    """The MachineConfig the parsed options describe (validated: InputError if not)."""
+def _given(ns: argparse.Namespace) -> dict[str, Any]:
+    """The MachineConfig fields the command line set, by field name."""
     from vmm.errors import InputError
 
-    if (ns.image is None) == (ns.kernel is None):
+    if ns.image is not None and ns.kernel is not None:
         raise InputError("give the image once: as IMAGE or as --kernel FILE")
-    return MachineConfig.parse(
-        ns.image if ns.kernel is None else ns.kernel,
-        initrd=ns.initrd,
-        mem=ns.mem,
-        vcpus=ns.vcpus,
-        mode=ns.mode,
-        load_addr=ns.load_addr,
-        entry=ns.entry,
-        args=dict(ns.arg),
-        timeout=ns.timeout,
-        strict=ns.strict,
-        backend=ns.backend,
-        memory=ns.memory,
-        prefault=ns.prefault,
-        prefault_threads=ns.threads,
-        irqchip=ns.irqchip,
-        append=ns.append,
-        modules=tuple(ns.module),
-        fw_cfg=tuple(ns.fw_cfg),
-        count_faults=ns.count_faults,
-    )
+    fields = {
+        "image": ns.kernel if ns.image is None else ns.image,
+        "initrd": ns.initrd,
+        "mem": ns.mem,
+        "vcpus": ns.vcpus,
+        "mode": ns.mode,
+        "load_addr": ns.load_addr,
+        "entry": ns.entry,
+        "args": dict(ns.arg) or None,
+        "timeout": ns.timeout,
+        "strict": ns.strict,
+        "backend": ns.backend,
+        "memory": ns.memory,
+        "prefault": ns.prefault,
+        "prefault_threads": ns.threads,
+        "irqchip": ns.irqchip,
+        "append": ns.append,
+        "modules": tuple(ns.module) or None,
+        "fw_cfg": tuple(ns.fw_cfg) or None,
+        "count_faults": ns.count_faults,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def config_from(ns: argparse.Namespace) -> MachineConfig:
+    """The MachineConfig the parsed options describe, over ``--config FILE``'s values
+    (validated: InputError if not)."""
+    from vmm.errors import InputError
+
+    values = _given(ns)
+    if ns.config is not None:
+        from vmm.config_file import load_config_file, merge
+
+        values = merge(load_config_file(ns.config), values)
+    image = values.pop("image", None)
+    if image is None:
+        where = "as IMAGE or as --kernel FILE" + (" (or as image in the --config file)" if ns.config else "")
+        raise InputError(f"give the image once: {where}")
+    return MachineConfig.parse(image, **values)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
