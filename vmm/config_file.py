@@ -111,7 +111,7 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _check(path: str, key: str, value: Any) -> Any:
+def _check(path: str, key: str, value: object) -> Any:
     """``value`` for field ``key``, in the type MachineConfig.parse takes; InputError if not."""
     types, nullable = FIELDS[key]
     if value is None and nullable:
@@ -120,12 +120,12 @@ def _check(path: str, key: str, value: Any) -> Any:
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         wanted = " or ".join(sorted({_TYPE_NAMES[t] for t in types}))
         raise InputError(f"--config {path}: {key} must be {wanted}, not {_type_name(value)}")
-    if key == "args":
+    if isinstance(value, dict):  # args
         bad = [k for k, v in value.items() if not isinstance(v, str)]
         if bad:
             raise InputError(f"--config {path}: args.{bad[0]} must be a string, not {_type_name(value[bad[0]])}")
         return dict(value)
-    if key in ("modules", "fw_cfg"):
+    if isinstance(value, list):  # modules, fw_cfg
         bad_items = [v for v in value if not isinstance(v, str)]
         if bad_items:
             raise InputError(f"--config {path}: {key} must be a list of strings, not of {_type_name(bad_items[0])}")
