@@ -48,7 +48,8 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "image",
         nargs="?",
-        help="guest image: Linux bzImage or PVH vmlinux, Multiboot kernel, ELF32/ELF64 executable or flat binary",
+        help="guest image: Linux bzImage or PVH vmlinux, Multiboot kernel, ELF32/ELF64 executable or flat binary; "
+        "a name that is not a file names a bundled guest (hello64, pc/mbinfo, ...)",
     )
     run.add_argument("--kernel", metavar="FILE", help="the same as IMAGE (QEMU's and Firecracker's name for it)")
     run.add_argument("--initrd", metavar="FILE", help="Linux: the initramfs")
@@ -140,12 +141,13 @@ def add_parser(sub: Any) -> None:
 
 def config_from(ns: argparse.Namespace) -> MachineConfig:
     """The MachineConfig the parsed options describe (validated: InputError if not)."""
+    from vmm import guests
     from vmm.errors import InputError
 
     if (ns.image is None) == (ns.kernel is None):
         raise InputError("give the image once: as IMAGE or as --kernel FILE")
     return MachineConfig.parse(
-        ns.image if ns.kernel is None else ns.kernel,
+        guests.resolve(ns.image if ns.kernel is None else ns.kernel),
         initrd=ns.initrd,
         mem=ns.mem,
         vcpus=ns.vcpus,
