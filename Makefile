@@ -19,7 +19,7 @@ PC_DEPS := guests/include/pc.inc guests/include/lib32.S
 
 .SECONDARY:
 
-.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private lab-bench clean
+.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private lab-bench wheel-check clean
 
 $(STAMP): pyproject.toml setup.py kvm_abi/_cdefs.py kvm_abi/_build.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test-kvm: $(STAMP)
 
 test-emulator: $(STAMP)
 	VMM_KVM_DEVICE=/nonexistent/kvm $(VPY) -m pytest -q -p no:cacheprovider
+
+# The project as a user installs it (.ci/wheel-check): sdist, then a cp311-abi3 wheel from it,
+# installed into a clean venv in /tmp; vmm --version, vmm run hello64, vmm prefault, a user's
+# pytest file and mypy from outside the checkout; the no-compiler build; the sdist's tests.
+wheel-check: $(STAMP)
+	.ci/wheel-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvm_abi vmm tests bench lab

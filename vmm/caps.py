@@ -68,7 +68,13 @@ def caps_report() -> dict[str, Any]:
                 for cap in PER_VM_CAPS:
                     report[cap.name] = vm.check_extension(cap)
     except (Unavailable, KvmError) as e:
-        report.update(kvm=False, backend="emulator", reason=str(e), notes=[f"KVM is not usable: {e}"])
+        from vmm.backends import emulator_usable
+
+        notes = [f"KVM is not usable: {e}"]
+        usable, why = emulator_usable()
+        if not usable:
+            notes.append(why)  # and neither is what auto would fall back to
+        report.update(kvm=False, backend="emulator", reason=str(e), notes=notes)
         return report
     report.update(kvm=True, backend="kvm", reason="")
     report["notes"] = _notes(report)
@@ -110,6 +116,7 @@ def format_caps(r: dict[str, Any]) -> str:
     lines = [f"device       {r['device']}"]
     if not r.get("kvm"):
         lines += [f"kvm          not usable: {r['reason']}", "backend      emulator (what --backend auto picks)"]
+        lines += [f"             {n}" for n in r["notes"][1:]]  # e.g. that unicorn is not installed
         return "\n".join(lines)
     lines.append(f"api version  {r['api_version']}")
     lines.append("backend      kvm (what --backend auto picks)")

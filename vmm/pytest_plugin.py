@@ -77,11 +77,9 @@ class HostProbe:
         except Exception as e:  # a probe must never break collection
             probe.kvm_usable, probe.kvm_reason = False, f"probe failed: {e}"
         try:
-            import unicorn  # noqa: F401
+            from vmm.backends import emulator_usable
 
-            from vmm.backends import emulator  # noqa: F401
-
-            probe.emulator_usable, probe.emulator_reason = True, ""
+            probe.emulator_usable, probe.emulator_reason = emulator_usable()
         except Exception as e:
             probe.emulator_usable, probe.emulator_reason = False, f"emulator backend unavailable: {e}"
         return probe
