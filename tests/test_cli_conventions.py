@@ -246,5 +246,6 @@ def test_the_readme_config_example_runs(tmp_path):
     cfg.write_text(block)
     proc = vmm("run", "--config", str(cfg), "--json")  # from the repository root, as the README's paths are
     result = json.loads(proc.stdout)
-    assert (result["status"], result["vcpus"], result["console"]) == (1, 2, "hello from long mode\n")
+    assert (result["status"], result["vcpus"]) == (1, 2)
+    assert sorted(result["console"].splitlines()) == ["cpu 0 of 2", "cpu 1 of 2"]  # each vCPU once, any order
     assert result["prefault"]["strategy_requested"] == "auto" and result["prefault"]["bytes_done"] == 256 << 20

@@ -1,7 +1,7 @@
 """A small, fast virtual machine monitor that drives /dev/kvm through cffi.
 
->>> from vmm import Machine, MachineConfig                         # doctest: +SKIP
->>> result = Machine(MachineConfig.parse(image="guests/hello64.elf")).run(timeout=5)
+>>> from vmm import Machine, MachineConfig, guests                 # doctest: +SKIP
+>>> result = Machine(MachineConfig.parse(image=guests.path("hello64"))).run(timeout=5)
 >>> result.status, result.console
 (1, b'hello from long mode\\n')
 

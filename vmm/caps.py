@@ -72,13 +72,19 @@ def caps_report() -> dict[str, Any]:
                 for cap in PER_VM_CAPS:
                     caps[cap.name] = vm.check_extension(cap)
     except (Unavailable, KvmError) as e:
+        from vmm.backends import emulator_usable
+
+        notes = [f"KVM is not usable: {e}"]
+        usable, why = emulator_usable()
+        if not usable:
+            notes.append(why)  # and neither is what auto would fall back to
         report.update(
             kvm_usable=False,
             backend="emulator",
             reason=str(e),
             api_version=None,
             capabilities={},
-            notes=[f"KVM is not usable: {e}"],
+            notes=notes,
         )
         return report
     report.update(
@@ -122,6 +128,7 @@ def format_caps(r: dict[str, Any]) -> str:
     lines = [f"device       {r['device']}"]
     if not r["kvm_usable"]:
         lines += [f"kvm          not usable: {r['reason']}", "backend      emulator (what --backend auto picks)"]
+        lines += [f"             {n}" for n in r["notes"][1:]]  # e.g. that unicorn is not installed
         return "\n".join(lines)
     lines.append(f"api version  {r['api_version']}")
     lines.append("backend      kvm (what --backend auto picks)")

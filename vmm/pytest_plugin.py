@@ -22,7 +22,10 @@ fixtures
     ``machine_factory``  ``machine_factory(image, before_boot=None, after_run=None,
                          **MachineConfig options) -> RunResult``: builds, runs and tears down
                          a machine on the test's backend; the hooks get the Machine before
-                         its vCPUs start and after they stop (guest RAM still mapped)
+                         its vCPUs start and after they stop (guest RAM still mapped);
+                         ``image`` is a file or a bundled guest's name (``"hello64"``)
+    ``vmm_guest``        ``vmm_guest("hello64") -> Path``: a bundled guest image
+                         (:mod:`vmm.guests`)
 
 options
     ``--vmm-backend {auto,kvm,emulator,all}`` (ini: ``vmm_backend``)
@@ -39,6 +42,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,11 +84,9 @@ class HostProbe:
         except Exception as e:  # a probe must never break collection
             probe.kvm_usable, probe.kvm_reason = False, f"probe failed: {e}"
         try:
-            import unicorn  # noqa: F401
+            from vmm.backends import emulator_usable
 
-            from vmm.backends import emulator  # noqa: F401
-
-            probe.emulator_usable, probe.emulator_reason = True, ""
+            probe.emulator_usable, probe.emulator_reason = emulator_usable()
         except Exception as e:
             probe.emulator_usable, probe.emulator_reason = False, f"emulator backend unavailable: {e}"
         return probe
@@ -285,6 +287,7 @@ def vm(request: pytest.FixtureRequest, kvm: Any) -> Iterator[Any]:
 def machine_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """``machine_factory(image, **options) -> RunResult`` on this test's backend (the
     ``vmm_backend`` parameter if the test uses it, else --vmm-backend's first choice)."""
+    from vmm import guests
     from vmm.config import MachineConfig
     from vmm.machine import Machine
 
@@ -308,8 +311,19 @@ def machine_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
         options.setdefault("backend", default_backend)
         options.setdefault("timeout", 30)
         machine = Machine(
-            MachineConfig.parse(image=str(image), **options), before_boot=before_boot, after_run=after_run
+            MachineConfig.parse(image=guests.resolve(str(image)), **options),
+            before_boot=before_boot,
+            after_run=after_run,
         )
         return machine.run()
 
     return factory
+
+
+@pytest.fixture
+def vmm_guest() -> Callable[[str], Path]:
+    """``vmm_guest("hello64") -> Path``: a guest image bundled with vmm, by name (suffix
+    optional; ``"pc/mbinfo"`` for the PC-convention ones), wherever vmm is installed."""
+    from vmm import guests
+
+    return guests.path

@@ -23,6 +23,26 @@ def kvm_usable() -> tuple[bool, str]:
         return False, f"{e.ioctl} failed: {e.errno_name}"
 
 
+EMULATOR_MISSING = "the in-process emulator needs the unicorn package: pip install 'vmm[emulator]'"
+
+
+def emulator_usable() -> tuple[bool, str]:
+    """(True, "") if the emulator backend can be imported (unicorn is installed); else
+    (False, why), with the install hint when it is unicorn that is missing."""
+    try:
+        import vmm.backends.emulator  # noqa: F401
+    except ImportError as e:
+        return False, _emulator_missing(e)
+    return True, ""
+
+
+def _emulator_missing(e: ImportError) -> str:
+    # unicorn is an extra (vmm[emulator]); any other ImportError is reported as it is.
+    if (e.name or "").split(".")[0] == "unicorn":
+        return EMULATOR_MISSING
+    return f"the in-process emulator is not available: {e}"
+
+
 def open_backend(name: str = "auto", notice: Callable[[str], None] | None = None, *, irqchip: bool = True) -> Backend:
     """``kvm``, ``emulator``, or ``auto`` (KVM when it works, else the emulator, saying why
     through ``notice``). ``irqchip``: KVM's in-kernel interrupt controllers (the emulator
@@ -42,6 +62,9 @@ def open_backend(name: str = "auto", notice: Callable[[str], None] | None = None
             if name == "kvm":
                 raise Unavailable(f"KVM cannot create a VM: {e}") from e
             reason = f"KVM cannot create a VM: {e}"
+        usable, why = emulator_usable()
+        if not usable:  # one line: why not KVM, and why not the fallback either
+            raise Unavailable(f"{reason}; {why}")
         if notice is not None:
             notice(f"{reason}; running on the in-process emulator")
     return _open_emulator()
@@ -51,5 +74,5 @@ def _open_emulator() -> Backend:
     try:
         from vmm.backends.emulator import EmulatorBackend
     except ImportError as e:
-        raise Unavailable(f"the in-process emulator is not available: {e}") from e
+        raise Unavailable(_emulator_missing(e)) from e
     return EmulatorBackend()

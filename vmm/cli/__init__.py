@@ -45,11 +45,34 @@ class Parser(argparse.ArgumentParser):
         streams.write_text(message, stderr=file is not None and file is not streams.stdout_text())
 
 
+def installed_version() -> str:
+    """The installed distribution's version (importlib.metadata); ``unknown`` when vmm runs
+    from a checkout that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vmm")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class VersionAction(argparse.Action):
+    """``--version``: looked up only when asked for (importlib.metadata costs start-up time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object, **_kwargs: object) -> NoReturn:
+        parser._print_message(f"vmm {installed_version()}\n")
+        raise SystemExit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vmm`` parser with every subcommand."""
     from vmm.cli import caps, prefault, qemu, run, schema
 
     parser = Parser(prog="vmm", description="Run tiny guest images on KVM (or an in-process emulator).")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     run.add_parser(sub)
@@ -98,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(e, json_output=wants_json(args))
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 2
+    except streams.BrokenStdout:  # --help or --version into a pipe whose reader left
+        return STATUS_BROKEN_PIPE
     return dispatch(ns)
 
 

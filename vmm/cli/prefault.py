@@ -18,7 +18,6 @@ import math
 import statistics
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vmm.cli import streams
@@ -37,8 +36,10 @@ DEFAULT_STRATEGIES = ("none", "host", "emulated", "auto")
 
 
 def default_image() -> str:
-    """guests/memtouch64.elf next to the package (the project is installed editable)."""
-    return str(Path(__file__).resolve().parents[2] / "guests" / "memtouch64.elf")
+    """The bundled memtouch64.elf (:mod:`vmm.guests`), wherever vmm is installed."""
+    from vmm import guests
+
+    return str(guests.path("memtouch64.elf"))
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="population threads (default: one per host CPU)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="where the guest runs (default auto)")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per strategy; medians are shown")
-    p.add_argument("--image", metavar="ELF", help="the memtouch guest (default guests/memtouch64.elf)")
+    p.add_argument("--image", metavar="ELF", help="the memtouch guest (default: the bundled memtouch64.elf)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help="per run")
     p.add_argument("--json", action="store_true", help="one JSON object (rows: one per strategy), not the table")
     add_log_level(p)

@@ -53,7 +53,8 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "image",
         nargs="?",
-        help="guest image: Linux bzImage or PVH vmlinux, Multiboot kernel, ELF32/ELF64 executable or flat binary",
+        help="guest image: Linux bzImage or PVH vmlinux, Multiboot kernel, ELF32/ELF64 executable or flat binary; "
+        "a name that is not a file names a bundled guest (hello64, pc/mbinfo, ...)",
     )
     run.add_argument("--kernel", metavar="FILE", help="the same as IMAGE (QEMU's and Firecracker's name for it)")
     run.add_argument(
@@ -182,7 +183,8 @@ def _given(ns: argparse.Namespace) -> dict[str, Any]:
 
 def config_from(ns: argparse.Namespace) -> MachineConfig:
     """The MachineConfig the parsed options describe, over ``--config FILE``'s values
-    (validated: InputError if not)."""
+    (validated: InputError if not). An image that is not a file may name a bundled guest."""
+    from vmm import guests
     from vmm.errors import InputError
 
     values = _given(ns)
@@ -194,7 +196,7 @@ def config_from(ns: argparse.Namespace) -> MachineConfig:
     if image is None:
         where = "as IMAGE or as --kernel FILE" + (" (or as image in the --config file)" if ns.config else "")
         raise InputError(f"give the image once: {where}")
-    return MachineConfig.parse(image, **values)
+    return MachineConfig.parse(guests.resolve(image), **values)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
