@@ -132,6 +132,15 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         default=None,
         help="KVM: count the stage-2/shadow page faults each vCPU takes (tracefs); in the summary and --json",
     )
+    run.add_argument(
+        "--gdb",
+        metavar="tcp::PORT|tcp:HOST:PORT",
+        help="KVM: serve gdb's remote protocol here (tcp::PORT listens on 127.0.0.1; PORT 0 picks a free one)",
+    )
+    run.add_argument("-s", dest="gdb_default", action="store_true", help="the same as --gdb tcp::1234 (QEMU's -s)")
+    run.add_argument(
+        "-S", dest="gdb_wait", action="store_true", help="with a gdb stub: start the guest only when gdb continues"
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the console")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging and registers on a crash")
@@ -176,6 +185,8 @@ def _given(ns: argparse.Namespace) -> dict[str, Any]:
         "modules": tuple(ns.module) or None,
         "fw_cfg": tuple(ns.fw_cfg) or None,
         "count_faults": ns.count_faults,
+        "gdb": ns.gdb if ns.gdb is not None else ("tcp::1234" if ns.gdb_default else None),
+        "gdb_wait": ns.gdb_wait or None,
     }
     return {key: value for key, value in fields.items() if value is not None}
 
