@@ -49,11 +49,12 @@ def guest_debug() -> None:
 
 
 class Vmm:
-    """`vmm run ... --gdb tcp::0`: started, its stub's port read from its first stderr line."""
+    """`vmm run ARGS --gdb tcp::0` (or ``argv`` as given): started, its stub's port read
+    from its first stderr line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, argv: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmm", "run", *args, "--gdb", "tcp::0"],
+            [sys.executable, "-m", "vmm", *(argv or ("run", *args, "--gdb", "tcp::0"))],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -239,6 +240,15 @@ def test_malformed_packets_get_errors(guest_debug):
     finally:
         client.close()
     status, console, err = vm.finish()
+    assert (status, console) == (1, "hello from long mode\n"), err
+
+
+@pytest.mark.kvm
+def test_through_the_qemu_front_door(guest_debug):
+    vm = Vmm(argv=("qemu", "-kernel", HELLO, "-gdb", "tcp::0", "-S", "-nographic"))
+    out = gdb(vm.port, f"break *{PUTS:#x}", "continue", "info registers rip", "delete", "continue")
+    status, console, err = vm.finish()
+    assert f"rip            {PUTS:#x}" in out and "exited with code 01" in out, out
     assert (status, console) == (1, "hello from long mode\n"), err
 
 
