@@ -230,7 +230,8 @@ class Machine:
             raise Unavailable(f"--gdb needs the KVM backend (KVM_SET_GUEST_DEBUG); the {backend.name} backend has none")
         from kvm_abi import Cap
 
-        if not backend.vm.check_extension(Cap.SET_GUEST_DEBUG):  # type: ignore[attr-defined]
+        vm = backend.vm  # type: ignore[attr-defined]
+        if not vm.check_extension(Cap.SET_GUEST_DEBUG):
             raise Unavailable("--gdb: this KVM lacks KVM_CAP_SET_GUEST_DEBUG", "SET_GUEST_DEBUG")
         stub = GdbStub(
             parse_address(address),
@@ -238,6 +239,7 @@ class Machine:
             backend.memory,
             wait=self.config.gdb_wait,
             kill=lambda: self._finish("gdb-kill", None),
+            debug_flags=vm.check_extension(Cap.SET_GUEST_DEBUG2),
         )
         stack.callback(stub.close)
         for runner in self.vcpus:

@@ -59,8 +59,13 @@ class DebugSession:
     a stop happened, so the stub's thread can leave its ``select``.
     """
 
-    def __init__(self, runners: Sequence[Runner], *, start_paused: bool, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, runners: Sequence[Runner], *, start_paused: bool, wake: Callable[[], None], debug_flags: int = 0
+    ) -> None:
         self.runners = list(runners)
+        # A step with an interrupt pending would land in the guest's handler, not on the next
+        # instruction: block interrupts during a step where KVM can (KVM_CAP_SET_GUEST_DEBUG2).
+        self._step_flags = abi.KVM_GUESTDBG_SINGLESTEP | (debug_flags & abi.KVM_GUESTDBG_BLOCKIRQ)
         self._cond = threading.Condition()
         self._wake = wake
         self.paused = False
@@ -219,7 +224,7 @@ class DebugSession:
             if enabled and used:
                 control |= abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_HW_BP
             if enabled and step == runner.index:
-                control |= abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP
+                control |= abi.KVM_GUESTDBG_ENABLE | self._step_flags
             runner.vcpu.set_guest_debug(control, debugreg if control & abi.KVM_GUESTDBG_USE_HW_BP else ())
 
 

@@ -40,7 +40,8 @@ E_BAD_PACKET, E_NO_THREAD, E_FAULT, E_NO_SLOT = b"E01", b"E02", b"E14", b"E1C"
 class GdbStub:
     """Listens on ``address`` (host, port; port 0 = a free one, see :attr:`port`) before
     the guest starts; :meth:`start` serves gdb on a thread; :meth:`finish` tells gdb how
-    the run ended and closes every socket and fd (also done by :meth:`close`)."""
+    the run ended; :meth:`close` closes every socket and fd. ``debug_flags``: the
+    KVM_GUESTDBG_* bits KVM accepts (KVM_CAP_SET_GUEST_DEBUG2), 0 if it does not say."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class GdbStub:
         *,
         wait: bool,
         kill: Callable[[], None],
+        debug_flags: int = 0,
     ) -> None:
         host, port = address
         self._memory = memory
@@ -77,7 +79,7 @@ class GdbStub:
             raise ConfigError(f"--gdb {host}:{port}: cannot listen: {why}") from None
         self.host, self.port = self._listener.getsockname()[:2]
         self._wake_r, self._wake_w = wake_pipe()
-        self.session = DebugSession(runners, start_paused=wait, wake=self._wake)
+        self.session = DebugSession(runners, start_paused=wait, wake=self._wake, debug_flags=debug_flags)
 
     # --- lifetime ----------------------------------------------------------------------
     def _wake(self) -> None:
@@ -231,8 +233,7 @@ class GdbStub:
                 self.session.resume_detached()
                 return "detach"
             if kind == b"k":
-                self.session.resume_detached()
-                self._kill()
+                self._kill()  # the vCPUs leave park only to see the machine's stop flag
                 return "kill"
             self._send(self._answer(kind, body))
         except _Answered:
