@@ -14,7 +14,7 @@ from vmm.memory import DEFAULT_BACKING, Backing
 STATUS_EPILOG = """\
 exit status of `vmm run` (QEMU-compatible: odd = the guest spoke, even = the VMM did):
   (v << 1) | 1  the guest wrote v to the exit port 0xf4
-  0             every vCPU halted, or the guest reset the machine (i8042 0xfe, port 0x92)
+  0             every vCPU halted, the guest reset the machine (i8042 0xfe, port 0x92), or gdb's kill
   2             bad input or configuration (one line on stderr says what)
   4             the guest crashed (triple fault, internal error): vCPU and RIP reported
   124           --timeout reached

@@ -170,6 +170,9 @@ class DebugSession:
         instruction (its loop reports the step through :meth:`debug_exit`)."""
         self._apply_debug(step)
         with self._cond:
+            if step is not None and step not in self._live:
+                self._stopped_locked(step, SIGTRAP)  # its loop has ended: nothing to step
+                return
             self.stop_event = None
             self._step = step
             self._set_paused(False)
