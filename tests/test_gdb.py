@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -213,6 +214,22 @@ def test_ctrl_c_stops_a_running_guest(guest_debug):
         client.close()
     status, _, err = vm.finish()
     assert status == 0 and "killed from gdb" in err, err
+
+
+@pytest.mark.kvm
+def test_a_connection_reset_lets_the_guest_run_on(guest_debug):
+    vm = Vmm(HELLO, "-S")
+    client = Client(vm.port)
+    try:
+        assert client.ask(b"Z0,%x,1" % PUTS) == b"OK"
+        assert client.ask(b"c") == b"T05thread:1;"  # at the breakpoint
+        # Close with a reset (SO_LINGER 0), not a clean FIN: the stub takes it as a hang-up.
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        client.close()
+    status, console, err = vm.finish()
+    assert (status, console) == (1, "hello from long mode\n"), err
+    assert "Traceback" not in err and "gdb stub failed" not in err, err
 
 
 @pytest.mark.kvm

@@ -122,18 +122,31 @@ class GdbStub:
             while not self.session.ending:
                 if not self._wait_readable(self._listener):
                     return
-                client, _ = self._listener.accept()
+                try:
+                    client, _ = self._listener.accept()
+                except OSError as e:  # the connection went away before we took it
+                    log.debug("gdb: accept: %s", e)
+                    continue
                 self._client = client
                 try:
                     self._session(client)
+                except OSError as e:  # reset, broken pipe: as a hang-up
+                    log.debug("gdb: connection lost: %s", e)
+                    self._hang_up()
                 finally:
                     self._client = None
                     with contextlib.suppress(OSError):
                         client.close()
-        except Exception:  # the stub must never take the machine down with it
+        except Exception:  # a bug in the stub must not take the machine down with it
             log.exception("gdb stub failed")
             with contextlib.suppress(Exception):
-                self.session.resume_detached()
+                self._hang_up()
+
+    def _hang_up(self) -> None:
+        """gdb is gone: stop the guest if it runs, drop the breakpoints, let it run on."""
+        self.session.interrupt(p.SIGINT)
+        if self.session.wait_all_parked():
+            self.session.resume_detached()
 
     def _wait_readable(self, sock: socket.socket) -> bool:
         """Wait until ``sock`` is readable (True) or the machine ends (False)."""
@@ -164,7 +177,7 @@ class GdbStub:
                 return
             data = client.recv(65536)
             if not data:
-                self.session.resume_detached()
+                self._hang_up()
                 return
             for event in reader.feed(data):
                 if isinstance(event, p.BadPacket):
@@ -194,10 +207,8 @@ class GdbStub:
             ready, _, _ = select.select([client.fileno(), self._wake_r], [], [])
             if client.fileno() in ready:
                 data = client.recv(65536)
-                if not data:  # gdb went away with the guest running: stop it, let it go
-                    self.session.interrupt(p.SIGINT)
-                    if self.session.wait_all_parked():
-                        self.session.resume_detached()
+                if not data:  # gdb went away with the guest running
+                    self._hang_up()
                     return False
                 if any(isinstance(e, p.Interrupt) for e in reader.feed(data)):
                     self.session.interrupt(p.SIGINT)
