@@ -5,7 +5,8 @@ Ctrl-C (0x03) or a stop (a vCPU writes to the wake pipe); while the guest is sto
 answers packets, touching vCPUs only through the parked-vCPU guarantee of
 :class:`~vmm.gdb.session.DebugSession`. Guest-virtual addresses are translated with
 KVM_TRANSLATE page by page, and every guest-physical range goes through
-:class:`~vmm.memory.GuestMemory`'s bounds checks; a bad address is an ``E`` reply.
+:class:`~vmm.memory.GuestMemory`'s bounds checks (:mod:`vmm.gdb.target`); a bad address is
+an ``E`` reply.
 
 Threads: gdb thread ``n`` is vCPU ``n - 1``. ``Hg`` picks the vCPU whose registers and
 address space the commands use; ``s`` steps the vCPU that stopped last (or ``Hc``'s).
@@ -22,16 +23,15 @@ import threading
 from collections.abc import Callable, Sequence
 
 from kvm_abi import KvmError
-from vmm.errors import ConfigError, GuestMemoryError
+from vmm.errors import ConfigError
 from vmm.gdb import protocol as p
-from vmm.gdb.regs import read_registers, write_registers
 from vmm.gdb.session import DebugSession, Runner, wake_pipe
+from vmm.gdb.target import read_registers, read_virtual, write_registers, write_virtual
 from vmm.memory import GuestMemory
 from vmm.vcpu import Vcpu
 
 log = logging.getLogger("vmm.gdb")
 
-PAGE = 4096
 FINISH_WAIT_SECONDS = 5.0  # the machine joins its vCPU threads (2 s grace) before it knows the status
 MAX_MEMORY_READ = (p.MAX_PACKET - 8) // 2
 E_BAD_PACKET, E_NO_THREAD, E_FAULT, E_NO_SLOT = b"E01", b"E02", b"E14", b"E1C"
@@ -281,18 +281,18 @@ class GdbStub:
             return b"OK"
         if kind == b"m":
             addr, length = p.parse_addr_len(body)
-            data = self._read_virtual(addr, min(length, MAX_MEMORY_READ))
+            data = read_virtual(self._vcpu(), self._memory, addr, min(length, MAX_MEMORY_READ))
             return data.hex().encode() if data else E_FAULT
         if kind == b"M":
             head, _, hexdata = body.partition(b":")
             addr, length = p.parse_addr_len(head)
             data = bytes.fromhex(hexdata.decode("ascii"))
-            return self._write_virtual(addr, data[:length]) if len(data) == length else E_BAD_PACKET
+            return self._write(addr, data) if len(data) == length else E_BAD_PACKET
         if kind == b"X":
             head, _, raw = body.partition(b":")
             addr, length = p.parse_addr_len(head)
             data = p.unescape(raw)
-            return self._write_virtual(addr, data) if len(data) == length else E_BAD_PACKET
+            return self._write(addr, data) if len(data) == length else E_BAD_PACKET
         if kind in (b"Z", b"z"):
             return self._breakpoint(kind == b"Z", body)
         if kind == b"H":
@@ -351,6 +351,9 @@ class GdbStub:
     def _set_rip(self, rip: int) -> None:
         write_registers(self._vcpu(), {"rip": rip}, strict=True)
 
+    def _write(self, addr: int, data: bytes) -> bytes:
+        return b"OK" if write_virtual(self._vcpu(), self._memory, addr, data) else E_FAULT
+
     def _breakpoint(self, insert: bool, body: bytes) -> bytes:
         kind, _, rest = body.partition(b",")
         if kind not in (b"0", b"1"):
@@ -361,43 +364,6 @@ class GdbStub:
             self.session.remove_breakpoint(addr)
             return b"OK"
         return b"OK" if self.session.insert_breakpoint(addr) else E_NO_SLOT
-
-    # --- guest memory ------------------------------------------------------------------
-    def _pages(self, addr: int, length: int) -> list[tuple[int, int]]:
-        """(gpa, size) pieces of [addr, addr+length) that translate and lie in guest RAM,
-        stopping at the first that does not."""
-        vcpu = self._vcpu()
-        pieces: list[tuple[int, int]] = []
-        while length > 0 and addr < 1 << 64:
-            size = min(length, PAGE - (addr & (PAGE - 1)))
-            gpa, valid = vcpu.translate(addr)
-            if not valid or not self._memory.contains(gpa, size):
-                break
-            pieces.append((gpa, size))
-            addr, length = addr + size, length - size
-        return pieces
-
-    def _read_virtual(self, addr: int, length: int) -> bytes:
-        out = bytearray()
-        for gpa, size in self._pages(addr, length):
-            try:
-                out += self._memory.read(gpa, size)
-            except GuestMemoryError:
-                break
-        return bytes(out)
-
-    def _write_virtual(self, addr: int, data: bytes) -> bytes:
-        pieces = self._pages(addr, len(data))
-        if sum(size for _, size in pieces) != len(data):
-            return E_FAULT  # all or nothing: no half-written instruction
-        pos = 0
-        try:
-            for gpa, size in pieces:
-                self._memory.write(gpa, data[pos : pos + size])
-                pos += size
-        except GuestMemoryError:
-            return E_FAULT
-        return b"OK"
 
 
 class _Answered(Exception):
