@@ -267,10 +267,12 @@ class Machine:
 
     def _stop_all(self) -> None:
         self.stop.requested = True
-        if self.gdb is not None:
-            self.gdb.session.end()  # parked vCPUs go back to their loops, and see `stop`
         for runner in self.vcpus:
             runner.kick()
+        if self.gdb is not None:
+            # After the kicks: a vCPU parked by gdb goes back to its loop with immediate_exit
+            # set, so its next KVM_RUN returns at once and it sees `stop`, running nothing.
+            self.gdb.session.end()
         self._done.set()
 
     def _vcpu_thread(self, runner: VcpuRunner, remaining: list[int]) -> None:
