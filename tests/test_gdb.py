@@ -207,6 +207,8 @@ def test_ctrl_c_stops_a_running_guest(guest_debug):
         client.send(b"c")
         client.sock.sendall(p.INTERRUPT)
         assert client.reply() == b"T02thread:1;"
+        client.sock.sendall(p.frame(b"c") + p.INTERRUPT)  # in one segment: the 0x03 still counts
+        assert client.reply() == b"T02thread:1;"
         regs = p.decode_registers(client.ask(b"g").decode())
         assert regs["rip"] == 0x100000  # `1: jmp 1b`
         client.send(b"k")

@@ -96,8 +96,12 @@ class PacketReader:
         self._buf = bytearray()
         self._in_packet = False
 
-    def feed(self, data: bytes) -> Iterator[Event]:
-        """The complete events in ``data`` (a packet split across calls is kept)."""
+    def feed(self, data: bytes) -> list[Event]:
+        """The complete events in ``data``, in order (a packet split across calls is kept).
+        A list, not a generator: every byte is consumed now, whatever the caller does next."""
+        return list(self._events(data))
+
+    def _events(self, data: bytes) -> Iterator[Event]:
         for b in data:
             if not self._in_packet:
                 if b == 0x24:  # $

@@ -179,7 +179,9 @@ class GdbStub:
             if not data:
                 self._hang_up()
                 return
-            for event in reader.feed(data):
+            events = reader.feed(data)
+            while events:
+                event = events.pop(0)
                 if isinstance(event, p.BadPacket):
                     log.debug("gdb: %s", event.reason)
                     client.sendall(p.NACK)
@@ -191,7 +193,7 @@ class GdbStub:
                 outcome = self._command(event.payload)
                 if outcome == "detach" or outcome == "kill":
                     return
-                if outcome == "resume" and not self._run_until_stop(client, reader):
+                if outcome == "resume" and not self._run_until_stop(client, reader, events):
                     return
 
     def _send(self, payload: bytes) -> None:
@@ -200,9 +202,13 @@ class GdbStub:
             with self._send_lock:
                 client.sendall(p.frame(payload))
 
-    def _run_until_stop(self, client: socket.socket, reader: p.PacketReader) -> bool:
+    def _run_until_stop(self, client: socket.socket, reader: p.PacketReader, queued: list[p.Event]) -> bool:
         """The guest runs: wait for a stop (reply with it), a Ctrl-C (stop the guest), or
-        the machine's end (``W`` reply; False)."""
+        the machine's end (``W`` reply; False). ``queued``: events that came in the same
+        read as the ``c``/``s`` (a Ctrl-C among them counts)."""
+        if any(isinstance(e, p.Interrupt) for e in queued):
+            queued[:] = [e for e in queued if not isinstance(e, p.Interrupt)]
+            self.session.interrupt(p.SIGINT)
         while True:
             ready, _, _ = select.select([client.fileno(), self._wake_r], [], [])
             if client.fileno() in ready:
