@@ -146,6 +146,24 @@ def test_break_continue_registers_memory_step_and_write(guest_debug):
 
 
 @pytest.mark.kvm
+def test_symbols_backtrace_and_finish_with_the_image_loaded(guest_debug):
+    vm = Vmm(HELLO, "-S")
+    args = ["gdb", "-batch", "-nx", str(ROOT / HELLO), "-ex", f"target remote 127.0.0.1:{vm.port}"]
+    for c in ("break puts", "continue", "bt", "x/s $rdi", "info registers cr0 efer", "finish", "continue"):
+        args += ["-ex", c]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False).stdout
+    status, console, err = vm.finish()
+    assert "0x0000000000100000 in _start ()" in out, out
+    assert "Breakpoint 1, 0x0000000000100018 in puts ()" in out, out
+    assert "#1  0x0000000000100011 in _start ()" in out, out  # the return address on the guest's stack
+    assert f'{MSG:#x}:\t"hello from long mode\\n' in out, out
+    assert re.search(r"cr0\s+0x8\w+", out) and re.search(r"efer\s+0x500\b", out), out  # PG; LME|LMA
+    assert re.search(r"^0x0000000000100011 in _start \(\)$", out, re.M), out  # `finish` came back
+    assert "exited with code 01" in out, out
+    assert (status, console) == (1, "hello from long mode\n"), err
+
+
+@pytest.mark.kvm
 def test_bad_addresses_are_errors_and_the_guest_goes_on(guest_debug):
     vm = Vmm(HELLO, "-S", "--mem", "16M")
     out = gdb(vm.port, "x/4bx 0x7f0000000000", "x/4bx 0x3ff0000", "set {char}0x3ff0000 = 1", "p 1", "continue")
