@@ -164,6 +164,17 @@ def test_symbols_backtrace_and_finish_with_the_image_loaded(guest_debug):
 
 
 @pytest.mark.kvm
+def test_a_crash_stops_in_gdb_before_the_run_ends(guest_debug):
+    vm = Vmm("guests/ud64.elf", "-S")  # ud2 with no IDT: a triple fault
+    out = gdb(vm.port, "continue", "info registers rip", "x/2bx $rip", "continue")
+    status, console, err = vm.finish()
+    assert "Program received signal SIGSEGV" in out, out
+    assert re.search(r"0x100011:\s+0x0f\s+0x0b", out), out  # gdb looks at the ud2 that crashed
+    assert "exited with code 04" in out, out  # continuing ends the run as the crash
+    assert status == 4 and "triple fault" in err and console == "invalid opcode next\n", err
+
+
+@pytest.mark.kvm
 def test_bad_addresses_are_errors_and_the_guest_goes_on(guest_debug):
     vm = Vmm(HELLO, "-S", "--mem", "16M")
     out = gdb(vm.port, "x/4bx 0x7f0000000000", "x/4bx 0x3ff0000", "set {char}0x3ff0000 = 1", "p 1", "continue")

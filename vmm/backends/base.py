@@ -64,8 +64,8 @@ class ExitCounts:
 
 class DebugHook(Protocol):
     """A debugger holding vCPUs (:class:`vmm.gdb.session.DebugSession`); a KVM runner
-    calls it when its loop starts and ends, on KVM_EXIT_DEBUG, and after a kick while
-    ``paused`` is set. Its methods block while the debugger holds the vCPU."""
+    calls it when its loop starts and ends, on KVM_EXIT_DEBUG, before it ends in a crash,
+    and after a kick while ``paused`` is set. Its methods block while the debugger holds the vCPU."""
 
     paused: bool
 
@@ -74,6 +74,8 @@ class DebugHook(Protocol):
     def leave(self, runner: VcpuRunner) -> None: ...
 
     def debug_exit(self, runner: VcpuRunner, exit_: Debug) -> None: ...
+
+    def crashed(self, runner: VcpuRunner) -> None: ...
 
     def park(self, runner: VcpuRunner) -> None: ...
 

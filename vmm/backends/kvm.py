@@ -214,7 +214,11 @@ class KvmVcpuRunner:
                         self.debug.park(self)
                     continue
                 assert isinstance(step, VcpuOutcome)
-                return step if step.kind is not Ending.CRASHED else step.at(self._rip())
+                if step.kind is not Ending.CRASHED:
+                    return step
+                if self.debug is not None:
+                    self.debug.crashed(self)  # gdb sees the crash before the run ends
+                return step.at(self._rip())
         finally:
             counts.io += n_io
             counts.interrupted += n_intr

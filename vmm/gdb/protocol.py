@@ -19,8 +19,9 @@ ACK, NACK = b"+", b"-"
 MAX_PACKET = 16384
 """The largest payload the stub accepts, and what it announces as PacketSize."""
 
-SIGINT, SIGTRAP = 2, 5
-"""The stop signals gdb expects: an interrupt (Ctrl-C) and a breakpoint or step."""
+SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
+"""The stop signals gdb expects: an interrupt (Ctrl-C), a breakpoint or step, and (as the
+stub reports a guest crash) a fault."""
 
 _ESCAPED = frozenset(b"$#}*")
 

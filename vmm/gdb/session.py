@@ -24,7 +24,7 @@ from typing import Protocol
 
 import kvm_abi as abi
 from vmm import exits as ex
-from vmm.gdb.protocol import SIGTRAP
+from vmm.gdb.protocol import SIGSEGV, SIGTRAP
 from vmm.vcpu import Vcpu
 
 HW_BREAKPOINTS = 4
@@ -73,6 +73,7 @@ class DebugSession:
         self._parked: set[int] = set()
         self._step: int | None = None  # the vCPU running alone for a single step
         self.ending = False
+        self.attached = False  # a gdb is connected (set by the stub)
         self.stop_event: tuple[int, int] | None = None  # (vcpu index, signal) of the last stop
         self.breakpoints: list[int | None] = [None] * HW_BREAKPOINTS
         self._paused_total = 0.0
@@ -121,6 +122,19 @@ class DebugSession:
                 self._step = None
             if not self.paused:
                 self._stopped_locked(runner.index, SIGTRAP)
+        self.park(runner)
+
+    def crashed(self, runner: Runner) -> None:
+        """A vCPU's run is about to end in a crash: with gdb attached, stop the guest there
+        first (SIGSEGV) so gdb can look at it; return when gdb continues (the run then ends
+        as the crash), detaches, or the machine ends."""
+        with self._cond:
+            if not self.attached or self.ending:
+                return
+            if self._step == runner.index:
+                self._step = None
+            if not self.paused:
+                self._stopped_locked(runner.index, SIGSEGV)
         self.park(runner)
 
     def park(self, runner: Runner) -> None:
@@ -212,6 +226,7 @@ class DebugSession:
         if self.paused:
             self._apply_debug(None, enabled=False)
         with self._cond:
+            self.attached = False  # first: a crash from now on ends the run, as without gdb
             self.stop_event = None
             self._step = None
             self._set_paused(False)

@@ -134,6 +134,7 @@ class GdbStub:
                     log.debug("gdb: connection lost: %s", e)
                     self._hang_up()
                 finally:
+                    self.session.attached = False
                     self._client = None
                     with contextlib.suppress(OSError):
                         client.close()
@@ -172,6 +173,7 @@ class GdbStub:
         self.session.interrupt(p.SIGTRAP)
         if not self.session.wait_all_parked():
             return
+        self.session.attached = True
         while True:
             if not self._wait_readable(client):
                 return
@@ -239,10 +241,13 @@ class GdbStub:
         """Answer one packet; returns "resume", "detach", "kill" or "" (stay stopped)."""
         kind, body = packet[:1], packet[1:]
         try:
-            if kind in (b"c", b"s"):
+            if kind in (b"c", b"s", b"C", b"S"):
+                if kind in (b"C", b"S"):  # with a signal: a guest has no signals to take
+                    p.hex_int(body.partition(b";")[0])  # (as QEMU's system stub ignores it)
+                    body = body.partition(b";")[2]
                 if body:
                     self._set_rip(p.hex_int(body))
-                step = self._gthread if kind == b"s" else None
+                step = self._gthread if kind in (b"s", b"S") else None
                 self.session.resume(step)
                 return "resume"
             if kind == b"D":
