@@ -3,6 +3,7 @@ for what batch mode cannot do (Ctrl-C, holding the guest), by a raw protocol cli
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -308,6 +309,17 @@ def test_through_the_qemu_front_door(guest_debug):
     out = gdb(vm.port, f"break *{PUTS:#x}", "continue", "info registers rip", "delete", "continue")
     status, console, err = vm.finish()
     assert f"rip            {PUTS:#x}" in out and "exited with code 01" in out, out
+    assert (status, console) == (1, "hello from long mode\n"), err
+
+
+@pytest.mark.kvm
+def test_the_stub_from_a_config_file(guest_debug, tmp_path):
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps({"image": str(ROOT / HELLO), "gdb": "tcp::0", "gdb_wait": True}))
+    vm = Vmm(argv=("run", "--config", str(config)))
+    out = gdb(vm.port, "info registers rip", "continue")
+    status, console, err = vm.finish()
+    assert "rip            0x100000" in out and "exited with code 01" in out, out  # held, as with -S
     assert (status, console) == (1, "hello from long mode\n"), err
 
 
