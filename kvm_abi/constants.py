@@ -64,6 +64,7 @@ class Cap(IntEnum):
     X86_USER_SPACE_MSR = 188
     X86_MSR_FILTER = 189
     DIRTY_LOG_RING = 192
+    SET_GUEST_DEBUG2 = 195  # its value: the KVM_GUESTDBG_* bits KVM_SET_GUEST_DEBUG accepts
     BINARY_STATS_FD = 203
     XSAVE2 = 208
     SYSTEM_EVENT_DATA = 215

@@ -8,7 +8,7 @@ describe the layouts of :mod:`kvm_abi._cdefs` and add nothing at run time.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Regs(Protocol):
@@ -92,11 +92,16 @@ class Sregs(Protocol):
 
 
 class Fpu(Protocol):
-    """``struct kvm_fpu`` (the fields the project sets)."""
+    """``struct kvm_fpu`` (FXSAVE's layout: ``fpr[8][16]`` and ``xmm[16][16]`` are byte arrays)."""
 
+    fpr: Any
     fcw: int
     fsw: int
     ftwx: int
+    last_opcode: int
+    last_ip: int
+    last_dp: int
+    xmm: Any
     mxcsr: int
 
 

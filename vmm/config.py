@@ -128,6 +128,10 @@ class MachineConfig:
     fw_cfg: tuple[str, ...] = ()
     initrd: str | None = None
     count_faults: bool = False
+    gdb: str | None = None
+    """A gdb stub's address (``tcp::1234``, ``tcp:HOST:PORT``): KVM only."""
+    gdb_wait: bool = False
+    """With ``gdb``: the guest does not start until gdb continues it (QEMU's ``-S``)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,7 +157,7 @@ class MachineConfig:
     ) -> MachineConfig:
         """A config from user-style values (sizes with suffixes, numbers as text, names);
         the other fields (``strict``, ``backend``, ``prefault``, ``irqchip``, ``append``,
-        ``count_faults``) as the dataclass takes them. InputError naming what is wrong."""
+        ``count_faults``, ``gdb``, ``gdb_wait``) as the dataclass takes them. InputError naming what is wrong."""
         return cls(
             image=os.fspath(image),
             mem=parse_size(mem),
@@ -187,6 +191,7 @@ class MachineConfig:
             "modules": (tuple,),
             "fw_cfg": (tuple,),
             "initrd": (str, type(None)),
+            "gdb": (str, type(None)),
         }
         for name, types in expected.items():
             value = getattr(self, name)
@@ -229,6 +234,15 @@ class MachineConfig:
         if self.prefault is not None:
             parse_strategy(self.prefault)
         encode_args(self.args)  # keys, values and size must fit the boot info
+        if self.gdb is not None:
+            from vmm.gdb.protocol import parse_address
+
+            try:
+                parse_address(self.gdb)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+        elif self.gdb_wait:
+            raise InputError("-S (wait for gdb) needs a gdb stub: add -s or --gdb tcp::PORT")
 
     @property
     def mem_bytes(self) -> int:

@@ -43,6 +43,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "fw_cfg": ((list,), False),
     "initrd": (_STR, True),
     "count_faults": ((bool,), False),
+    "gdb": (_STR, True),
+    "gdb_wait": ((bool,), False),
 }
 
 

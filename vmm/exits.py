@@ -13,7 +13,7 @@ with ``bytes()`` to keep them. Exits without data are singletons (compare with `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING
 
@@ -145,10 +145,15 @@ class MemoryFault:
 
 @dataclass(slots=True)
 class Debug:
-    """KVM_EXIT_DEBUG: a debug exception with guest debugging enabled."""
+    """KVM_EXIT_DEBUG: a debug exception with guest debugging enabled (a hardware
+    breakpoint or a single step: vector 1, DR6 says which; a software one: vector 3)."""
 
     exception: int
     pc: int
+    dr6: int = field(default=0, compare=False)
+
+    def describe(self) -> str:
+        return f"debug exit (vector {self.exception}) at {self.pc:#x} with no debugger attached"
 
 
 @dataclass(slots=True)
@@ -277,7 +282,7 @@ def ending(exit_: Exit) -> Next | VcpuOutcome:
     if isinstance(exit_, SystemEvent):
         kind = Ending.CRASHED if exit_.type == _SysEvent.CRASH else Ending.HALTED
         return VcpuOutcome(kind, exit_.describe())
-    if isinstance(exit_, FailEntry | InternalError | SystemEvent | MemoryFault | RunFailed | Unsupported):
+    if isinstance(exit_, FailEntry | InternalError | SystemEvent | MemoryFault | Debug | RunFailed | Unsupported):
         return crashed(exit_.describe())
     return crashed(f"unexpected exit {exit_!r}")
 

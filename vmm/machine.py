@@ -60,6 +60,7 @@ __all__ = [
 log = logging.getLogger("vmm.machine")
 
 JOIN_GRACE_SECONDS = 2.0
+GDB_TIMEOUT_POLL = 0.25  # how often the timeout is re-read while a gdb stub may hold the guest
 
 
 @contextlib.contextmanager
@@ -123,6 +124,7 @@ class Machine:
         self._faults: Any = None  # a vmm.faults.FaultCounter with --count-faults
         self._vcpu_tids: dict[int, int] = {}
         self._fault_counts: list[dict[str, int]] | None = None
+        self.gdb: Any = None  # a vmm.gdb.stub.GdbStub with --gdb
 
     # --- building ------------------------------------------------------------------------
     def _build(self, stack: contextlib.ExitStack) -> None:
@@ -192,6 +194,8 @@ class Machine:
                 runner.set_state(linux_boot_state(image) if isinstance(image, LinuxPlan) else pc_boot_state(image))
             else:
                 runner.set_state(boot_state(image.mode, image.entry, index))
+        if cfg.gdb is not None:
+            self.gdb = self._gdb_stub(backend, cfg.gdb, stack)
         if self.before_boot is not None:
             self.before_boot(self)
 
@@ -216,6 +220,34 @@ class Machine:
             raise Unavailable(f"--count-faults counts KVM's page faults; the {backend.name} backend takes none")
         return stack.enter_context(FaultCounter())
 
+    def _gdb_stub(self, backend: Backend, address: str, stack: contextlib.ExitStack) -> Any:
+        """A listening gdb stub attached to every vCPU (KVM only: KVM_SET_GUEST_DEBUG)."""
+        from vmm.errors import Unavailable
+        from vmm.gdb.protocol import parse_address
+        from vmm.gdb.stub import GdbStub
+
+        if backend.name != "kvm":
+            raise Unavailable(f"--gdb needs the KVM backend (KVM_SET_GUEST_DEBUG); the {backend.name} backend has none")
+        from kvm_abi import Cap
+
+        vm = backend.vm  # type: ignore[attr-defined]
+        if not vm.check_extension(Cap.SET_GUEST_DEBUG):
+            raise Unavailable("--gdb: this KVM lacks KVM_CAP_SET_GUEST_DEBUG", "SET_GUEST_DEBUG")
+        stub = GdbStub(
+            parse_address(address),
+            self.vcpus,  # type: ignore[arg-type]
+            backend.memory,
+            wait=self.config.gdb_wait,
+            kill=lambda: self._finish("gdb-kill", None),
+            debug_flags=vm.check_extension(Cap.SET_GUEST_DEBUG2),
+        )
+        stack.callback(stub.close)
+        for runner in self.vcpus:
+            runner.debug = stub.session  # type: ignore[attr-defined]
+        held = "; the guest waits for gdb to continue it" if self.config.gdb_wait else ""
+        self.notice(f"gdb stub listening on {stub.host}:{stub.port}{held}")
+        return stub
+
     # --- events from vCPU threads (and devices) ------------------------------------------
     def _finish(self, kind: str, detail: Any) -> None:
         """Record the run's end (the first event wins) and stop every vCPU."""
@@ -237,6 +269,10 @@ class Machine:
         self.stop.requested = True
         for runner in self.vcpus:
             runner.kick()
+        if self.gdb is not None:
+            # After the kicks: a vCPU parked by gdb goes back to its loop with immediate_exit
+            # set, so its next KVM_RUN returns at once and it sees `stop`, running nothing.
+            self.gdb.session.end()
         self._done.set()
 
     def _vcpu_thread(self, runner: VcpuRunner, remaining: list[int]) -> None:
@@ -275,7 +311,10 @@ class Machine:
         limit = self.config.timeout if timeout is None else parse_timeout(timeout)
         with contextlib.ExitStack() as stack:
             self._build(stack)
-            return self._run_built(stack, limit or None)
+            result = self._run_built(stack, limit or None)
+            if self.gdb is not None:
+                self.gdb.finish(result.status)  # a gdb waiting on `continue` hears how it ended
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _run_built(self, stack: contextlib.ExitStack, timeout: float | None) -> RunResult:
@@ -290,6 +329,8 @@ class Machine:
             # A Ctrl-C inside Thread.start() would leave a thread that starts after teardown
             # released its vCPU: hold SIGINT until every thread runs (it is delivered then).
             with _sigint_held():
+                if self.gdb is not None:
+                    self.gdb.start()
                 for t in threads:
                     t.start()
             timed_out, idle = self._wait(threads, run_started, timeout)
@@ -325,12 +366,22 @@ class Machine:
         watch_for = getattr(self.backend, "idle_watch", None)
         watch = watch_for(self.vcpus) if watch_for is not None else None
         deadline = None if timeout is None else started + timeout
+        gdb = self.gdb.session if self.gdb is not None else None
         while True:
             step: float | None = None
             if deadline is not None:
-                step = deadline - time.monotonic()
+                # The timeout counts the guest's time only: not while gdb holds it stopped.
+                held = gdb.paused_seconds() if gdb is not None else 0.0
+                step = deadline + held - time.monotonic()
                 if step <= 0:
                     return not self._done.is_set(), False
+                if gdb is not None:
+                    step = min(step, GDB_TIMEOUT_POLL)
+            if watch is not None and gdb is not None and gdb.paused:
+                step = GDB_TIMEOUT_POLL if step is None else min(step, GDB_TIMEOUT_POLL)
+                if self._done.wait(step):
+                    return False, False
+                continue  # vCPUs held by gdb are not halted
             if watch is not None:
                 step = watch.interval if step is None else min(step, watch.interval)
             if self._done.wait(step):
@@ -358,6 +409,8 @@ class Machine:
             status, reason = exit_status_for_value(detail), f"guest exited with value {detail}"
         elif kind == "reset":
             status, reason = STATUS_RESET, f"guest reset the machine ({detail})"
+        elif kind == "gdb-kill":
+            status, reason = STATUS_HALTED, "killed from gdb"
         elif kind == "broken-pipe":
             status, reason = STATUS_BROKEN_PIPE, "stopped: the console's reader went away (broken pipe)"
         elif interrupted:

@@ -12,7 +12,9 @@ Mapped: ``-kernel FILE`` (required) -> IMAGE; ``-append T`` -> ``--append=T``; `
 -> ``--mem`` (bare number MiB, rounded up to 8 KiB, default 128M); ``-smp [cpus=]N[,topology]``
 -> ``--vcpus``; ``-accel kvm|tcg`` (repeatable: kvm then tcg is ``auto``), ``-machine accel=kvm:tcg``,
 ``-enable-kvm`` -> ``--backend``; ``kernel-irqchip=on|off`` -> ``--irqchip``; ``-fw_cfg X`` ->
-``--fw-cfg=X`` verbatim (vmm checks it as QEMU does).
+``--fw-cfg=X`` verbatim (vmm checks it as QEMU does); ``-gdb DEV`` -> ``--gdb=DEV`` (vmm takes
+``tcp::PORT`` and ``tcp:HOST:PORT``), ``-s`` -> ``--gdb=tcp::1234`` (the later of the two wins,
+as in QEMU), ``-S`` -> ``-S`` (the guest waits for gdb; without a stub vmm refuses it).
 Accepted as what vmm is: ``-cpu host|max`` (the backend's CPUID), ``-device isa-debug-exit,
 iobase=0xf4,iosize=1|2|4``, ``-nodefaults``, ``-no-user-config``, ``-no-reboot`` (a reset always
 ends the run), ``-nographic``, ``-display none``, ``-vnc none``, ``-vga none``, ``-serial stdio``
@@ -149,6 +151,8 @@ class _State:
     accels: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
     fw_cfg: list[str] = field(default_factory=list)
     serials: int = 0
+    gdb: str | None = None
+    gdb_wait: bool = False
     warnings: list[str] = field(default_factory=list)
 
     def warn(self, text: str) -> None:
@@ -238,6 +242,9 @@ _OPTIONS: dict[str, tuple[bool, Callable[[_State, str, str], None]]] = {
     "display": (True, _only("none")),
     "vnc": (True, _only("none")),
     "vga": (True, _only("none")),
+    "gdb": (True, lambda state, option, arg: setattr(state, "gdb", arg)),
+    "s": (False, lambda state, option, arg: setattr(state, "gdb", "tcp::1234")),
+    "S": (False, lambda state, option, arg: setattr(state, "gdb_wait", True)),
     **{name: (False, lambda state, option, arg: None) for name in _AS_VMM_IS},
     **{name: (False, lambda state, option, arg: None) for name in ("h", "help", "version")},  # answer_query's
 }
@@ -283,6 +290,8 @@ def translate(argv: Sequence[str]) -> QemuTranslation:
         run_args.append(f"--append={_carried('-append', state.append)}")
     run_args += [f"--module={path}={text}" for path, text in _modules(state.initrd)]
     run_args += [f"--fw-cfg={_carried('-fw_cfg', text)}" for text in state.fw_cfg]
+    run_args += [f"--gdb={state.gdb}"] if state.gdb is not None else []
+    run_args += ["-S"] if state.gdb_wait else []
     return QemuTranslation(run_args=[*run_args, "--", state.kernel], warnings=state.warnings, kernel=state.kernel)
 
 
@@ -447,6 +456,7 @@ usage: vmm-qemu -kernel FILE [options]   (a subset of qemu-system-x86_64's optio
 -cpu host|max -machine [type=]pc|q35|microvm[,accel=kvm:tcg][,kernel-irqchip=on|off]
 -accel kvm|tcg -enable-kvm -device isa-debug-exit,iobase=0xf4,iosize=N -fw_cfg name=N,file=F|string=S
 -nodefaults -no-user-config -no-reboot -nographic -display none -vnc none -vga none -serial stdio
+-gdb tcp::PORT|tcp:HOST:PORT -s (= -gdb tcp::1234) -S (with a gdb stub: wait for gdb to continue)
 """
 VERSION = "vmm qemu: a QEMU-compatible front door to vmm (not QEMU; no QEMU version)\n"
 DEVICES = """\

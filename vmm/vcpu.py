@@ -315,7 +315,8 @@ class Vcpu:
             se = run.system_event
             return ex.SystemEvent(int(se.type), tuple(se.data[0 : min(se.ndata, 16)]))
         if reason == ExitReason.DEBUG:
-            return ex.Debug(int(run.debug.arch.exception), int(run.debug.arch.pc))
+            arch = run.debug.arch
+            return ex.Debug(int(arch.exception), int(arch.pc), int(arch.dr6))
         return ex.Unsupported(int(reason))
 
 

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from vmm.cpu.state import CpuState
 from vmm.devices.bus import Bus
-from vmm.exits import HALTED, NEVER_STARTED, STOPPED, TRIPLE_FAULT, Ending, Exit, VcpuOutcome, count_field
+from vmm.exits import HALTED, NEVER_STARTED, STOPPED, TRIPLE_FAULT, Debug, Ending, Exit, VcpuOutcome, count_field
 from vmm.memory import Backing, GuestMemory, GuestRegion
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "STOPPED",
     "TRIPLE_FAULT",
     "Backend",
+    "DebugHook",
     "Ending",
     "ExitCounts",
     "StopFlag",
@@ -59,6 +60,24 @@ class ExitCounts:
     @property
     def total(self) -> int:
         return self.io + self.mmio + self.hlt + self.interrupted + self.other
+
+
+class DebugHook(Protocol):
+    """A debugger holding vCPUs (:class:`vmm.gdb.session.DebugSession`); a KVM runner
+    calls it when its loop starts and ends, on KVM_EXIT_DEBUG, before it ends in a crash,
+    and after a kick while ``paused`` is set. Its methods block while the debugger holds the vCPU."""
+
+    paused: bool
+
+    def enter(self, runner: VcpuRunner) -> None: ...
+
+    def leave(self, runner: VcpuRunner) -> None: ...
+
+    def debug_exit(self, runner: VcpuRunner, exit_: Debug) -> None: ...
+
+    def crashed(self, runner: VcpuRunner) -> None: ...
+
+    def park(self, runner: VcpuRunner) -> None: ...
 
 
 class VcpuRunner(Protocol):

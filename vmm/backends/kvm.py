@@ -16,7 +16,7 @@ import kvm_abi as abi
 from kvm_abi import Cap, KvmError, MpState, ffi
 from kvm_abi.types import Cpuid2
 from vmm import exits as ex
-from vmm.backends.base import NEVER_STARTED, STOPPED, ExitCounts, StopFlag
+from vmm.backends.base import NEVER_STARTED, STOPPED, DebugHook, ExitCounts, StopFlag
 from vmm.backends.kvm_idle import IdleWatch
 from vmm.backends.kvm_state import apply_state, read_regs
 from vmm.cpu.state import CpuState
@@ -72,12 +72,24 @@ class KvmVcpuRunner:
     never run again (:mod:`vmm.backends.kvm_idle`).
     """
 
-    __slots__ = ("index", "vcpu", "counts", "_fast", "_irqchip", "_parked", "_probe", "_probe_done", "probe_result")
+    __slots__ = (
+        "index",
+        "vcpu",
+        "counts",
+        "debug",
+        "_fast",
+        "_irqchip",
+        "_parked",
+        "_probe",
+        "_probe_done",
+        "probe_result",
+    )
 
     def __init__(self, vcpu: Vcpu, cpuid: Cpuid2, *, irqchip: bool = False) -> None:
         self.index = vcpu.index
         self.vcpu = vcpu
         self.counts = ExitCounts()
+        self.debug: DebugHook | None = None  # a gdb stub's session (vmm.gdb), when attached
         self._fast: dict[int, Callable[[], None]] = {}
         self._irqchip = irqchip
         self._parked = False
@@ -136,9 +148,14 @@ class KvmVcpuRunner:
             return NEVER_STARTED
         vcpu = self.vcpu
         vcpu.bind_thread()
+        debug = self.debug
         try:
+            if debug is not None:
+                debug.enter(self)  # with -S: held here until gdb continues
             return self._loop(bus, stop)
         finally:
+            if debug is not None:
+                debug.leave(self)
             vcpu.unbind_thread()
 
     def _loop(self, bus: Bus, stop: StopFlag) -> VcpuOutcome:
@@ -174,6 +191,8 @@ class KvmVcpuRunner:
                             return STOPPED
                         if self._probe:
                             self._answer_probe()
+                        if self.debug is not None and self.debug.paused:
+                            self.debug.park(self)  # gdb stopped the guest (all-stop)
                         continue
                 elif code & abi.FAST_IO:
                     n_io += 1
@@ -182,15 +201,24 @@ class KvmVcpuRunner:
                 # Everything else: the one decoder, the one dispatch (vmm.exits).
                 exit_ = vcpu.decode_exit() if code >= 0 else vcpu.decode_failure(-code)
                 counts.record(exit_)
+                if type(exit_) is ex.Debug and self.debug is not None:
+                    self.debug.debug_exit(self, exit_)  # a breakpoint or a step: gdb decides
+                    continue
                 step = dispatch(bus, exit_)
                 if step is Next.RUN:
                     continue
                 if step is Next.CHECK_STOP:  # KVM_EXIT_INTR: a signal without EINTR
                     if stop.requested:
                         return STOPPED
+                    if self.debug is not None and self.debug.paused:
+                        self.debug.park(self)
                     continue
                 assert isinstance(step, VcpuOutcome)
-                return step if step.kind is not Ending.CRASHED else step.at(self._rip())
+                if step.kind is not Ending.CRASHED:
+                    return step
+                if self.debug is not None:
+                    self.debug.crashed(self)  # gdb sees the crash before the run ends
+                return step.at(self._rip())
         finally:
             counts.io += n_io
             counts.interrupted += n_intr

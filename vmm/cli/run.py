@@ -14,7 +14,7 @@ from vmm.memory import DEFAULT_BACKING, Backing
 STATUS_EPILOG = """\
 exit status of `vmm run` (QEMU-compatible: odd = the guest spoke, even = the VMM did):
   (v << 1) | 1  the guest wrote v to the exit port 0xf4
-  0             every vCPU halted, or the guest reset the machine (i8042 0xfe, port 0x92)
+  0             every vCPU halted, the guest reset the machine (i8042 0xfe, port 0x92), or gdb's kill
   2             bad input or configuration (one line on stderr says what)
   4             the guest crashed (triple fault, internal error): vCPU and RIP reported
   124           --timeout reached
@@ -133,6 +133,15 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         default=None,
         help="KVM: count the stage-2/shadow page faults each vCPU takes (tracefs); in the summary and --json",
     )
+    run.add_argument(
+        "--gdb",
+        metavar="tcp::PORT|tcp:HOST:PORT",
+        help="KVM: serve gdb's remote protocol here (tcp::PORT listens on 127.0.0.1; PORT 0 picks a free one)",
+    )
+    run.add_argument("-s", dest="gdb_default", action="store_true", help="the same as --gdb tcp::1234 (QEMU's -s)")
+    run.add_argument(
+        "-S", dest="gdb_wait", action="store_true", help="with a gdb stub: start the guest only when gdb continues"
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the console")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging and registers on a crash")
@@ -177,6 +186,8 @@ def _given(ns: argparse.Namespace) -> dict[str, Any]:
         "modules": tuple(ns.module) or None,
         "fw_cfg": tuple(ns.fw_cfg) or None,
         "count_faults": ns.count_faults,
+        "gdb": ns.gdb if ns.gdb is not None else ("tcp::1234" if ns.gdb_default else None),
+        "gdb_wait": ns.gdb_wait or None,
     }
     return {key: value for key, value in fields.items() if value is not None}
 
