@@ -31,7 +31,7 @@ _cdefs = _load_cdefs()
 ffibuilder = FFI()
 ffibuilder.cdef(_cdefs.API_CDEF)
 # The limited API: one abi3 build serves every CPython >= 3.11 (setup.py tags the wheel).
-ffibuilder.set_source("kvm_abi._kvm_cffi", _cdefs.API_SOURCE, py_limited_api=True)
+ffibuilder.set_source("kvm_abi._kvm_cffi", _cdefs.api_source(), py_limited_api=True)
 
 if __name__ == "__main__":
     # The file name `pip install` gives it (cffi builds for the limited API): a build here

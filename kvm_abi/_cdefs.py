@@ -399,20 +399,38 @@ C_SOURCE = HEADERS + TYPES + FAST_PATH
 """Everything the C compiler sees but the digest's own ``#define``."""
 
 
+def _sha256(data: bytes) -> str:
+    # CPython's built-in SHA-256 (``_sha256``; ``_sha2`` from 3.12) gives hashlib's digest
+    # without loading OpenSSL, which costs a few ms on every start of ``vmm run``.
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        try:
+            from _sha2 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+        except ImportError:
+            from hashlib import sha256  # type: ignore[assignment,unused-ignore]
+    return str(sha256(data).hexdigest())
+
+
 def source_digest(cdef: str, source: str) -> str:
     """The digest of one build's inputs: the declarations cffi is given and the whole C
     source. Any edit to either (a struct, a prototype, a line of ``vmm_run_vcpu``, a
     comment) gives another digest."""
-    import hashlib
+    return _sha256(cdef.encode() + b"\0" + source.encode())[:16]
 
-    return hashlib.sha256(cdef.encode() + b"\0" + source.encode()).hexdigest()[:16]
+
+_DIGEST: list[str] = []
 
 
 def digest() -> str:
     """The digest of the current sources. The compiled module embeds the one it was built
     from (``vmm_source_digest()``), so ``_ffi`` refuses a build older than the sources."""
-    return source_digest(API_CDEF, C_SOURCE)
+    if not _DIGEST:
+        _DIGEST.append(source_digest(API_CDEF, C_SOURCE))
+    return _DIGEST[0]
 
 
-API_SOURCE = f'#define VMM_SOURCE_DIGEST "{digest()}"\n' + C_SOURCE
-"""The C source handed to cffi's ``set_source``."""
+def api_source() -> str:
+    """The C source handed to cffi's ``set_source`` (``_build.py``): the sources with their
+    digest defined."""
+    return f'#define VMM_SOURCE_DIGEST "{digest()}"\n' + C_SOURCE

@@ -9,8 +9,6 @@ import os
 import warnings
 from typing import Any
 
-from cffi import FFI
-
 from kvm_abi._cdefs import LIBC_ABI, TYPES, digest
 
 ffi: Any
@@ -52,6 +50,8 @@ if _compiled is not None and not is_current(_compiled):
 if _compiled is not None:
     ffi, lib, COMPILED = _compiled.ffi, _compiled.lib, True
 else:
+    from cffi import FFI  # only here: the compiled module brings its own ffi
+
     ffi = FFI()
     ffi.cdef(TYPES + LIBC_ABI)
     lib = ffi.dlopen(None)

@@ -14,7 +14,7 @@ from vmm.bootinfo import encode_args
 from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.errors import InputError
 from vmm.memory import DEFAULT_BACKING, Backing, parse_backing
-from vmm.prefault import parse_strategy
+from vmm.strategies import parse_strategy
 
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -97,10 +97,9 @@ def parse_mode(text: CpuMode | str | None) -> CpuMode | None:
 
 
 def host_memory_bytes() -> int:
-    """Physical RAM of this host (psutil)."""
-    import psutil
-
-    return int(psutil.virtual_memory().total)
+    """Physical RAM of this host (sysconf: the kernel's totalram, what psutil reports too,
+    without importing psutil on every run)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +26,11 @@ from vmm.backends.base import Backend, StopFlag, VcpuOutcome, VcpuRunner
 from vmm.bootinfo import write_boot_info
 from vmm.config import MachineConfig
 from vmm.cpu.layout import BootLayout, CpuMode
-from vmm.cpu.state import boot_state, pc_boot_state, write_system_tables
+from vmm.cpu.state import CpuState, boot_state, pc_boot_state, write_system_tables
 from vmm.devices import Bus, Marker
 from vmm.errors import VmmError
 from vmm.exits import Ending, crashed
 from vmm.loader import ImagePlan, plan_image
-from vmm.loader.linux import LinuxPlan, linux_boot_state
 from vmm.platform.devices import attach_pc_devices, load_fw_cfg_files
 from vmm.result import (
     STATUS_BROKEN_PIPE,
@@ -76,6 +76,16 @@ def _sigint_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _pc_state(image: ImagePlan) -> CpuState:
+    """vCPU 0's state at a PC-convention image's entry. The Linux loader (and the platform
+    tables it pulls in) is imported only when a Linux plan exists, so only then."""
+    linux = sys.modules.get("vmm.loader.linux")
+    if linux is not None and isinstance(image, linux.LinuxPlan):
+        state: CpuState = linux.linux_boot_state(image)
+        return state
+    return pc_boot_state(image)
 
 
 class _StuckVcpus(VmmError):
@@ -191,7 +201,7 @@ class Machine:
             if index and pc_smp:
                 runner.park()  # an application processor: waits for INIT/SIPI
             elif image.pc:
-                runner.set_state(linux_boot_state(image) if isinstance(image, LinuxPlan) else pc_boot_state(image))
+                runner.set_state(_pc_state(image))
             else:
                 runner.set_state(boot_state(image.mode, image.entry, index))
         if cfg.gdb is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from vmm.cli import streams
@@ -18,6 +17,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_caps(ns: argparse.Namespace) -> int:
+    import json  # here, not at import: `vmm run` imports this module to build its parser
+
     from vmm.caps import caps_report, format_caps
 
     report = caps_report()

@@ -13,9 +13,7 @@ machines, so it sits above :mod:`vmm.machine`, here in the CLI, not in :mod:`vmm
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +23,8 @@ from vmm.cli.logs import add_log_level
 from vmm.config import BACKENDS, MachineConfig, parse_size
 from vmm.errors import InputError, VmmError
 from vmm.memory import DEFAULT_BACKING, Backing
-from vmm.prefault import STRATEGIES, parse_strategy
 from vmm.result import STATUS_INTERRUPTED
+from vmm.strategies import STRATEGIES, parse_strategy
 
 MARK_PASS_START = 0x1000
 MARK_PASS_END = 0x2000
@@ -136,6 +134,8 @@ def measure(
 
 def median_row(rows: list[Row]) -> Row:
     """The per-field median of repeated runs of one strategy."""
+    import statistics  # here, not at import: `vmm run` builds this parser too
+
     first = rows[0]
     rates = [r.gib_per_s for r in rows if r.gib_per_s is not None]
     return Row(
@@ -269,6 +269,8 @@ def cmd_prefault(ns: argparse.Namespace) -> int:
     # Through streams, as every subcommand: a closed pipe is the shell's 141, a full disk
     # one line on stderr, never "an internal error".
     if ns.json:
+        import json  # here, not at import: `vmm run` builds this parser too
+
         streams.write_text(json.dumps(to_json(rows, mem=mem, backing=ns.memory, repeat=ns.repeat)) + "\n")
     else:
         streams.write_text(format_table(rows, mem) + "\n")

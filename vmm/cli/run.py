@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from vmm.cli import streams
@@ -224,6 +223,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if result.status == STATUS_BROKEN_PIPE:
         return result.status  # quietly, as the shell's convention for a closed pipe
     if ns.json:
+        import json  # only for --json: not on every run's start-up
+
         streams.write_text(json.dumps(result.to_json()) + "\n")
         return result.status
     if result.console_error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -227,10 +228,12 @@ def mapped_size(ram_top: int) -> int:
     return max(4 * GiB, (ram_top + GiB - 1) // GiB * GiB)
 
 
+@functools.lru_cache(maxsize=16)
 def gdt_table(tss_base: int = BootLayout.TSS, tss_limit: int = BootLayout.TSS_LIMIT) -> bytes:
     """The VMM's flat GDT (``BootLayout.GDT_LIMIT + 1`` bytes): null, 64-bit code 0x08, data
     0x10, 32-bit code 0x18, ring-3 data 0x23, ring-3 64-bit code 0x2b, and a TSS descriptor
-    at 0x30. Loaders that place their own structures (Multiboot) write it where they like."""
+    at 0x30. Loaders that place their own structures (Multiboot) write it where they like.
+    Memoized: the same arguments always give the same bytes."""
     gdt = [
         0,
         CODE64.descriptor(),
@@ -239,7 +242,19 @@ def gdt_table(tss_base: int = BootLayout.TSS, tss_limit: int = BootLayout.TSS_LI
         USER_DATA.descriptor(),
         USER_CODE64.descriptor(),
     ]
-    return b"".join(struct.pack("<Q", d) for d in gdt) + _tss_descriptor(tss_base, tss_limit)
+    return struct.pack("<6Q", *gdt) + _tss_descriptor(tss_base, tss_limit)
+
+
+@functools.lru_cache(maxsize=1)
+def tss_image() -> bytes:
+    """The 64-bit TSS the VMM places at ``BootLayout.TSS``: RSP0 (where ring 0 handlers
+    would stack) = the top of vCPU 0's stack area; the I/O bitmap at TSS_IOPB_OFFSET, all
+    zero bits (every port allowed), then 0xff."""
+    tss = bytearray(BootLayout.TSS_LIMIT + 1)
+    struct.pack_into("<Q", tss, 4, BootLayout.STACKS_TOP)
+    struct.pack_into("<H", tss, 102, BootLayout.TSS_IOPB_OFFSET)
+    tss[-1] = 0xFF
+    return bytes(tss)
 
 
 def write_system_tables(mem: GuestMemory, mode: CpuMode) -> None:
@@ -247,31 +262,38 @@ def write_system_tables(mem: GuestMemory, mode: CpuMode) -> None:
     if mode is CpuMode.REAL:
         return
     mem.write(BootLayout.GDT, gdt_table())
-    # TSS: RSP0 (where ring 0 handlers would stack) = the top of vCPU 0's stack area;
-    # I/O bitmap at TSS_IOPB_OFFSET, all zero bits (every port allowed), then 0xff.
-    tss = bytearray(BootLayout.TSS_LIMIT + 1)
-    struct.pack_into("<Q", tss, 4, BootLayout.STACKS_TOP)
-    struct.pack_into("<H", tss, 102, BootLayout.TSS_IOPB_OFFSET)
-    tss[-1] = 0xFF
-    mem.write(BootLayout.TSS, bytes(tss))
+    mem.write(BootLayout.TSS, tss_image())
     if mode in (CpuMode.LONG, CpuMode.USER):
         write_page_tables(mem, mapped_size(mem.top))
 
 
+_PAGE = 0x1000
+_ENTRIES = 512
+# 1 in the low bit of each of the 512 qwords of a table, as one integer: multiplying it by
+# a value puts that value in every entry (no entry overflows into the next, all < 2**64).
+_EVERY_ENTRY = int.from_bytes(struct.pack(f"<{_ENTRIES}Q", *([1] * _ENTRIES)), "little")
+_LARGE_STEPS = int.from_bytes(struct.pack(f"<{_ENTRIES}Q", *(j << 21 for j in range(_ENTRIES))), "little")
+
+
+@functools.lru_cache(maxsize=16)
+def identity_page_tables(base: int, size: int, flags: int) -> bytes:
+    """Page tables at ``base`` identity-mapping [0, ``size``) (whole GiB, 1 to 510) with
+    2 MiB pages and the PTE ``flags``: the PML4 (one entry), the PDPT, one PD per GiB, in
+    that order, each 4 KiB; CR3 = ``base``. Built with whole-table integer arithmetic (PD
+    number i is the first PD plus i GiB in every entry), and memoized per arguments, so a
+    start-up costs a few big-integer operations per GiB, not one per entry."""
+    gib = size >> 30
+    if size & (GiB - 1) or not 1 <= gib <= _ENTRIES - 2:
+        raise ValueError(f"identity map of {size:#x} bytes: whole GiB, 1 to {_ENTRIES - 2}")
+    pml4 = ((base + _PAGE) | flags).to_bytes(8, "little").ljust(_PAGE, b"\0")
+    pdpt = struct.pack(f"<{gib}Q", *((base + (2 + i) * _PAGE) | flags for i in range(gib))).ljust(_PAGE, b"\0")
+    first = _LARGE_STEPS + _EVERY_ENTRY * (flags | PTE_PS)
+    pds = b"".join((first + _EVERY_ENTRY * (i << 30)).to_bytes(_PAGE, "little") for i in range(gib))
+    return pml4 + pdpt + pds
+
+
 def write_page_tables(mem: GuestMemory, size: int) -> None:
     """Identity-map [0, size) with 2 MiB pages, user-accessible and writable."""
-    gib = size // GiB
     if size > BootLayout.MAX_MAPPED:
         raise InputError(f"cannot identity-map {size >> 30} GiB (at most {BootLayout.MAX_MAPPED >> 30} GiB)")
-    base = BootLayout.PAGE_TABLES
-    pdpt = base + 0x1000
-    flags = PTE_P | PTE_RW | PTE_US
-    mem.write(base, struct.pack("<Q", pdpt | flags) + bytes(0xFF8))
-    mem.write(
-        pdpt,
-        b"".join(struct.pack("<Q", (base + 0x2000 + i * 0x1000) | flags) for i in range(gib)) + bytes(8 * (512 - gib)),
-    )
-    for i in range(gib):
-        pd = base + 0x2000 + i * 0x1000
-        first = i * GiB
-        mem.write(pd, b"".join(struct.pack("<Q", (first + j * (2 << 20)) | flags | PTE_PS) for j in range(512)))
+    mem.write(BootLayout.PAGE_TABLES, identity_page_tables(BootLayout.PAGE_TABLES, size, PTE_P | PTE_RW | PTE_US))

@@ -208,7 +208,7 @@ def _plan_linux(
     limit: int,
 ) -> ImagePlan | None:
     """The Linux boot plan if ``data`` is a bzImage or a PVH vmlinux, else None."""
-    from vmm.loader.pvh import plan_pvh, pvh_entry
+    from vmm.loader.pvh_note import pvh_entry
     from vmm.platform.zeropage import is_bzimage
 
     bzimage = is_bzimage(data)
@@ -228,6 +228,8 @@ def _plan_linux(
         from vmm.loader.linux import plan_linux
 
         return plan_linux(name, data, ram, cmdline=line, initrd=ramdisk, nr_vcpus=nr_vcpus)
+    from vmm.loader.pvh import plan_pvh
+
     return plan_pvh(name, data, ram, cmdline=line, initrd=ramdisk, nr_vcpus=nr_vcpus)
 
 

@@ -71,7 +71,6 @@ from vmm.cpu.bits import (
     EFER_LMA,
     EFER_LME,
     PTE_P,
-    PTE_PS,
     PTE_RW,
     RFLAGS_FIXED,
 )
@@ -79,9 +78,9 @@ from vmm.cpu.layout import (
     BootLayout,
     CpuMode,
     GiB,
-    MiB,
 )
 from vmm.cpu.state import CODE32, CODE64, DATA, TSS_NONE, CpuState, pc_boot_state
+from vmm.cpu.state import identity_page_tables as _identity_page_tables
 from vmm.errors import InputError
 from vmm.loader import ImagePlan, Segment
 from vmm.memory import describe_ranges
@@ -127,17 +126,11 @@ class LinuxPlan(ImagePlan):
 
 
 def identity_page_tables(base: int, size: int = IDENTITY_MAPPED) -> bytes:
-    """Page tables at ``base`` identity-mapping [0, ``size``) (whole GiB, at most 512) with
+    """Page tables at ``base`` identity-mapping [0, ``size``) (whole GiB, at most 510) with
     2 MiB pages, present and writable, supervisor only: the PML4 (one entry), the PDPT, one
-    PD per GiB, in that order, each 4 KiB. CR3 = ``base``."""
-    gib = size // GiB
-    if size % GiB or not 1 <= gib <= 512:
-        raise ValueError(f"identity map of {size:#x} bytes: whole GiB, 1 to 512")
-    flags = PTE_P | PTE_RW
-    pml4 = struct.pack("<Q", (base + PAGE) | flags).ljust(PAGE, b"\0")
-    pdpt = struct.pack(f"<{gib}Q", *((base + (2 + i) * PAGE) | flags for i in range(gib))).ljust(PAGE, b"\0")
-    pds = struct.pack(f"<{512 * gib}Q", *((i * 2 * MiB) | flags | PTE_PS for i in range(512 * gib)))
-    return pml4 + pdpt + pds
+    PD per GiB, in that order, each 4 KiB. CR3 = ``base``. (Precomputed bytes, memoized:
+    :func:`vmm.cpu.state.identity_page_tables`.)"""
+    return _identity_page_tables(base, size, PTE_P | PTE_RW)
 
 
 def linux_gdt(*, long_mode: bool) -> bytes:

@@ -39,82 +39,17 @@ from vmm.loader.linux import (
     LinuxPlan,
     alloc_high,
 )
+from vmm.loader.pvh_note import PT_LOAD, elf64_headers, pvh_entry
 from vmm.memory import describe_ranges
 from vmm.platform.memmap import FOUR_GIB, HIGH_START, RamAllocator, in_usable, pc_ram_map, usable_ranges
 from vmm.platform.mptable import MP_TABLE_ADDR, mp_table
 
-XEN_ELFNOTE_PHYS32_ENTRY = 18
 START_INFO_MAGIC = 0x336EC578  # "xEn3" with the 0x80 bit of the "E" set
 START_INFO = struct.Struct("<IIIIQQQQII")  # struct hvm_start_info, version 1: 56 bytes
 MODLIST_ENTRY = struct.Struct("<QQQQ")  # struct hvm_modlist_entry: paddr, size, cmdline_paddr, reserved
 MEMMAP_ENTRY = struct.Struct("<QQII")  # struct hvm_memmap_table_entry: addr, size, type, reserved
 INITRD_BELOW = 0x80000000
 MAX_CMDLINE = CMDLINE_SPACE - 1  # x86 Linux keeps 2047 bytes of it (COMMAND_LINE_SIZE)
-
-_EHDR64 = struct.Struct("<16sHHIQQQIHHHHHH")
-_PHDR64 = struct.Struct("<IIQQQQQQ")
-_PT_LOAD, _PT_NOTE = 1, 4
-_EM_X86_64, _ET_EXEC = 62, 2
-
-
-def _notes(blob: bytes) -> list[tuple[bytes, int, bytes]]:
-    """(name, type, descriptor) of each whole note in a PT_NOTE segment's bytes."""
-    out, pos = [], 0
-    while pos + 12 <= len(blob):
-        namesz, descsz, ntype = struct.unpack_from("<III", blob, pos)
-        desc = pos + 12 + (namesz + 3) // 4 * 4
-        if desc + descsz > len(blob):
-            break
-        out.append((blob[pos + 12 : pos + 12 + namesz].rstrip(b"\0"), ntype, blob[desc : desc + descsz]))
-        pos = desc + (descsz + 3) // 4 * 4
-    return out
-
-
-def _elf64(path: str, data: bytes) -> list[tuple[int, int, int, int, int]]:
-    """(type, offset, paddr, filesz, memsz) of every program header, checked against the file."""
-    if len(data) < _EHDR64.size or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise InputError(f"{path}: not a little-endian ELF64 file")
-    _, e_type, machine, _, _, phoff, _, _, _, phentsize, phnum, *_ = _EHDR64.unpack_from(data)
-    if machine != _EM_X86_64 or e_type != _ET_EXEC:
-        raise InputError(f"{path}: a PVH kernel is an x86-64 executable ELF (machine {machine}, type {e_type})")
-    if phnum == 0 or phnum == 0xFFFF or phentsize < _PHDR64.size or phoff + phnum * phentsize > len(data):
-        raise InputError(f"{path}: malformed or truncated ELF program headers")
-    out = []
-    for i in range(phnum):
-        p_type, _, offset, _, paddr, filesz, memsz, _ = _PHDR64.unpack_from(data, phoff + i * phentsize)
-        if p_type in (_PT_LOAD, _PT_NOTE) and offset + filesz > len(data):
-            raise InputError(f"{path}: segment at {paddr:#x} runs past the end of the file (truncated ELF)")
-        if p_type == _PT_LOAD and filesz > memsz:
-            raise InputError(f"{path}: segment at {paddr:#x} has more file bytes ({filesz}) than memory ({memsz})")
-        out.append((p_type, offset, paddr, filesz, memsz))
-    return out
-
-
-def _is_x86_64_executable(data: bytes) -> bool:
-    if len(data) < _EHDR64.size or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return False
-    _, e_type, machine, *_ = _EHDR64.unpack_from(data)
-    return bool(e_type == _ET_EXEC and machine == _EM_X86_64)
-
-
-def pvh_entry(path: str, data: bytes) -> int | None:
-    """The 32-bit physical entry of an x86-64 ELF kernel's ``XEN_ELFNOTE_PHYS32_ENTRY`` note;
-    None for any other file (so it can tell a PVH vmlinux from other images). InputError for
-    an x86-64 ELF whose program headers or note are malformed."""
-    if not _is_x86_64_executable(data):
-        return None
-    for p_type, offset, _, filesz, _ in _elf64(path, data):
-        if p_type != _PT_NOTE:
-            continue
-        for name, ntype, desc in _notes(data[offset : offset + filesz]):
-            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
-                if len(desc) not in (4, 8):
-                    raise InputError(f"{path}: XEN_ELFNOTE_PHYS32_ENTRY note of {len(desc)} bytes (4 or 8 expected)")
-                entry = int.from_bytes(desc, "little")
-                if entry >= FOUR_GIB:
-                    raise InputError(f"{path}: PVH entry {entry:#x} is above 4 GiB")
-                return entry
-    return None
 
 
 def plan_pvh(
@@ -133,7 +68,7 @@ def plan_pvh(
     contents) or None), the whole command line ``cmdline`` and an MP table for ``nr_vcpus``
     (the last three arguments as :func:`vmm.loader.linux.plan_linux`). Pure; one-line
     InputError for a kernel without a PVH entry, or anything that does not parse or fit."""
-    _elf64(path, data)  # the ELF's own errors first
+    elf64_headers(path, data)  # the ELF's own errors first
     entry = pvh_entry(path, data)
     if entry is None:
         raise InputError(f"{path}: an ELF kernel without a PVH entry (no XEN_ELFNOTE_PHYS32_ENTRY note)")
@@ -163,8 +98,8 @@ def plan_pvh(
         raise InputError(f"guest RAM ({describe_ranges(ram)}) does not reach the MP table at {mp_addr:#x}")
 
     segments, in_image = [], False
-    for p_type, offset, paddr, filesz, memsz in _elf64(path, data):
-        if p_type != _PT_LOAD or memsz == 0:
+    for p_type, offset, paddr, filesz, memsz in elf64_headers(path, data):
+        if p_type != PT_LOAD or memsz == 0:
             continue
         if not in_usable(entries, paddr, memsz):
             raise InputError(

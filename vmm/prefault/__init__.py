@@ -57,6 +57,7 @@ from vmm.prefault.kernel import HelperVcpus
 from vmm.prefault.progress import Progress, ProgressSink, make_sink
 from vmm.prefault.report import PrefaultReport, Step
 from vmm.prefault.target import KvmSystem, PrefaultVcpu, PrefaultVm
+from vmm.strategies import STRATEGIES, parse_strategy
 
 __all__ = [
     "STRATEGIES",
@@ -75,8 +76,6 @@ __all__ = [
     "prefault_vm",
 ]
 
-STRATEGIES = ("auto", "kernel", "map-memory", "emulated", "host", "none")
-
 _PRIVATE_MEM_TYPES = (VmType.SW_PROTECTED, VmType.SNP, VmType.TDX)
 _STAGE2_LIMIT = (
     "KVM's stage-2 page tables are not filled: the guest's first touch of each page still takes one KVM "
@@ -92,13 +91,6 @@ _PRIVATE_RESIDENCY_LIMIT = (
     "private memory is never host-mapped and its guest_memfd does not report what it holds, so the "
     "resident figure leaves it out"
 )
-
-
-def parse_strategy(name: str) -> str:
-    """The strategy name, or InputError listing the choices."""
-    if name not in STRATEGIES:
-        raise InputError(f"unknown prefault strategy {name!r} (choose from {', '.join(STRATEGIES)})")
-    return name
 
 
 def prefault_backend(

@@ -1,0 +1,99 @@
+"""Start-up imports only what a run needs (issue 13): checked on ``sys.modules`` of a fresh
+interpreter, never on time. The public names of ``vmm`` stay importable all the same."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import GUESTS, ROOT
+
+# Never needed by `vmm run` of a small image on KVM: the pre-population machinery, the
+# emulator and its CPU library, psutil, pyelftools, the Linux boot protocol, the
+# statistics module of `vmm prefault`, OpenSSL's hashlib, cffi's Python package.
+NOT_ON_THE_KVM_PATH = (
+    "vmm.prefault",
+    "vmm.backends.emulator",
+    "unicorn",
+    "psutil",
+    "elftools",
+    "vmm.loader.linux",
+    "vmm.loader.pvh",
+    "statistics",
+    "_hashlib",
+)
+# cffi's Python package is needed only in ABI mode; the compiled module brings its own ffi.
+NOT_WHEN_COMPILED = ("cffi",)
+
+PROBE = """
+import json, sys
+from vmm.cli import main
+status = main(sys.argv[1:])
+print(json.dumps({"status": status, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+def _unwanted(modules: set[str]) -> list[str]:
+    import kvm_abi
+
+    names = NOT_ON_THE_KVM_PATH + (NOT_WHEN_COMPILED if kvm_abi.COMPILED else ())
+    return [m for m in names if m in modules]
+
+
+def _modules_after(*argv: str, env: dict[str, str] | None = None) -> tuple[int, set[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env
+    )
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    return report["status"], set(report["modules"])
+
+
+def test_public_names_are_importable():
+    import vmm
+
+    for name in vmm.__all__:
+        assert getattr(vmm, name) is not None, name
+    from vmm import Kvm, Machine, MachineConfig, RunResult
+
+    assert Machine.__name__ == "Machine" and MachineConfig.__name__ == "MachineConfig"
+    assert Kvm.__module__ == "vmm.kvm" and RunResult.__module__ == "vmm.result"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        vmm.nothing  # noqa: B018
+
+
+def test_import_vmm_loads_no_submodule():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, vmm; print(sorted(m for m in sys.modules if m.startswith('vmm.')))"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_bad_input_imports_no_machinery():
+    status, modules = _modules_after("run", "-q", "--mem", "0", str(GUESTS / "hello64.elf"))
+    assert status == 2
+    loaded = _unwanted(modules)
+    assert loaded == [], f"a refused config imported {loaded}"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("image", ["hello64.elf", "pc/mbinfo.elf"])
+def test_a_kvm_run_imports_only_what_it_needs(image):
+    status, modules = _modules_after("run", "-q", "--backend", "kvm", str(GUESTS / image))
+    assert status == 1  # the guest wrote 0 to the exit port
+    loaded = _unwanted(modules)
+    assert loaded == [], f"`vmm run {image}` imported {loaded}"
+    assert "vmm.backends.kvm" in modules
+
+
+def test_the_emulator_run_uses_the_emulator():
+    env = {"VMM_KVM_DEVICE": "/nonexistent/kvm", "PATH": "/usr/bin:/bin"}
+    status, modules = _modules_after("run", "-q", str(GUESTS / "hello64.elf"), env=env)
+    assert status == 1
+    assert "vmm.backends.emulator" in modules and "vmm.prefault" not in modules
