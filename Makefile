@@ -100,6 +100,7 @@ bench: $(STAMP)
 	$(VPY) bench/backends.py
 	$(VPY) bench/prefault.py
 	$(VPY) bench/startup.py
+	$(VPY) bench/lifecycle.py
 
 # The kernel path (KVM_PRE_FAULT_MEMORY) in the nested QEMU lab (lab/README.md), once on each
 # kernel series: the newest Debian kernel (7.x) and 6.12. Builds the lab on first use and runs

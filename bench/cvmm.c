@@ -16,7 +16,14 @@
  * (CLOCK_MONOTONIC around the KVM_RUN loop). Process status: 0 when the guest ended through
  * the exit port or HLT, 4 when it crashed, 1 on a VMM or host error, 2 on bad usage.
  *
- * Usage: cvmm [--user] [--count N] IMAGE
+ * With --irqchip it also creates the in-kernel interrupt controllers and PIT, as the Python
+ * VMM's default machine does (KVM_CREATE_IRQCHIP, then KVM_CREATE_PIT2 with the dummy
+ * speaker; --no-pit leaves the PIT out). With --lifecycles N it is the floor of the lifecycle
+ * benchmark (bench/lifecycle.py): N times open /dev/kvm, build the VM, load and run the
+ * guest, check its result and release everything, timing each phase; one JSON object with
+ * the lifecycles per second and the mean seconds of each phase.
+ *
+ * Usage: cvmm [--user] [--irqchip [--no-pit]] [--count N] [--lifecycles N] IMAGE
  */
 #define _GNU_SOURCE
 #include <elf.h>
@@ -406,6 +413,9 @@ static int set_boot_state(struct vm *v, uint64_t entry, bool user)
     return IOCTL(v->vcpu, KVM_SET_REGS, &regs) < 0 ? -1 : 0;
 }
 
+/* The in-kernel PIC, IOAPIC and local APICs, and the PIT (vmm/backends/kvm.py's default). */
+static bool want_irqchip, want_pit = true;
+
 /* Open /dev/kvm, create the VM with its RAM and one vCPU, and load the guest. */
 static int vm_setup(struct vm *v, const char *image, bool user, uint64_t count)
 {
@@ -426,6 +436,13 @@ static int vm_setup(struct vm *v, const char *image, bool user, uint64_t count)
         return -1;
     if (IOCTL(v->vm, KVM_SET_TSS_ADDR, TSS_ADDR_KVM) < 0)
         return -1;
+    if (want_irqchip) {
+        if (IOCTL(v->vm, KVM_CREATE_IRQCHIP, 0) < 0)
+            return -1;
+        struct kvm_pit_config pit = {.flags = KVM_PIT_SPEAKER_DUMMY};
+        if (want_pit && IOCTL(v->vm, KVM_CREATE_PIT2, &pit) < 0)
+            return -1;
+    }
     v->ram = alloc_ram();
     if (!v->ram)
         return -1;
@@ -583,10 +600,12 @@ static int run_loop(struct vm *v, struct counts *c, struct outcome *o)
 /* --- main -------------------------------------------------------------------------------- */
 static int usage(void)
 {
-    fputs("usage: cvmm [--user] [--count N] IMAGE\n"
+    fputs("usage: cvmm [--user] [--irqchip [--no-pit]] [--count N] [--lifecycles N] IMAGE\n"
           "Boots IMAGE (a 64-bit guest ELF, e.g. guests/pio-loop64.elf) on one vCPU at ring 0,\n"
           "or ring 3 with --user, with the boot argument count=N (default 100000); prints one\n"
-          "JSON object with the exit counts and the run loop's seconds.\n",
+          "JSON object with the exit counts and the run loop's seconds. --irqchip: the in-kernel\n"
+          "interrupt controllers and PIT (--no-pit: without the PIT). --lifecycles N: N whole\n"
+          "lifecycles (open, build, load, run, release), timed per phase.\n",
           stderr);
     return 2;
 }
@@ -596,23 +615,88 @@ static double elapsed(const struct timespec *a, const struct timespec *b)
     return (double)(b->tv_sec - a->tv_sec) + (double)(b->tv_nsec - a->tv_nsec) / 1e9;
 }
 
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t); /* cannot fail with a valid clock and pointer */
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* --lifecycles: n times setup, run, check, release. Every run must end through the exit
+ * port with value 0 after exactly `count` POST writes; 0, or 1 after saying what went wrong. */
+static int lifecycles(const char *image, bool user, uint64_t count, uint64_t n)
+{
+    double setup = 0, run = 0, teardown = 0, started = now();
+    for (uint64_t i = 0; i < n; i++) {
+        struct vm v = {.kvm = -1, .vm = -1, .vcpu = -1};
+        struct counts c = {0};
+        struct outcome o = {0};
+        double t0 = now();
+        int rc = vm_setup(&v, image, user, count);
+        double t1 = now();
+        if (rc == 0)
+            rc = run_loop(&v, &c, &o);
+        double t2 = now();
+        vm_close(&v);
+        double t3 = now();
+        if (rc < 0)
+            return 1;
+        if (o.crashed || !o.exited || o.exit_value != 0 || c.post_writes != count) {
+            fail("lifecycle %" PRIu64 ": the guest did not exit with 0 after %" PRIu64 " POST writes (%s)", i, count,
+                 o.crashed ? o.detail : "wrong result");
+            return 1;
+        }
+        setup += t1 - t0;
+        run += t2 - t1;
+        teardown += t3 - t2;
+    }
+    double seconds = now() - started;
+    printf("{\"vmm\": \"cvmm\", \"lifecycles\": %" PRIu64 ", \"irqchip\": %s, \"pit\": %s, \"count\": %" PRIu64
+           ", \"seconds\": %.9f, \"lifecycles_per_s\": %.1f, \"setup_s\": %.9f, \"run_s\": %.9f"
+           ", \"teardown_s\": %.9f, \"compiler\": \"%s\"}\n",
+           n, want_irqchip ? "true" : "false", want_irqchip && want_pit ? "true" : "false", count, seconds,
+           seconds > 0 ? (double)n / seconds : 0.0, setup / (double)n, run / (double)n, teardown / (double)n,
+           COMPILER);
+    if (fflush(stdout) == EOF || ferror(stdout)) {
+        fail("writing the result:");
+        return 1;
+    }
+    return 0;
+}
+
+static bool parse_u64(const char *text, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(text, &end, 0);
+    if (errno || *end || text[0] == '-' || text[0] == '\0')
+        return false;
+    *out = n;
+    return true;
+}
+
 int main(int argc, char **argv)
 {
     bool user = false;
-    uint64_t count = 100000;
+    uint64_t count = 100000, n_lifecycles = 0;
     const char *image = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--user")) {
             user = true;
+        } else if (!strcmp(argv[i], "--irqchip")) {
+            want_irqchip = true;
+        } else if (!strcmp(argv[i], "--no-pit")) {
+            want_pit = false;
         } else if (!strcmp(argv[i], "--count") && i + 1 < argc) {
-            char *end;
-            errno = 0;
-            unsigned long long n = strtoull(argv[++i], &end, 0);
-            if (errno || *end || argv[i][0] == '-' || argv[i][0] == '\0') {
+            if (!parse_u64(argv[++i], &count)) {
                 fprintf(stderr, "cvmm: bad --count %s\n", argv[i]);
                 return 2;
             }
-            count = n;
+        } else if (!strcmp(argv[i], "--lifecycles") && i + 1 < argc) {
+            if (!parse_u64(argv[++i], &n_lifecycles) || n_lifecycles == 0) {
+                fprintf(stderr, "cvmm: bad --lifecycles %s\n", argv[i]);
+                return 2;
+            }
         } else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             usage();
             return 0;
@@ -624,6 +708,8 @@ int main(int argc, char **argv)
     }
     if (!image)
         return usage();
+    if (n_lifecycles)
+        return lifecycles(image, user, count, n_lifecycles);
 
     struct vm v = {.kvm = -1, .vm = -1, .vcpu = -1};
     struct counts c = {0};

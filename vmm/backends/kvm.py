@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import threading
 from collections.abc import Callable
 
@@ -245,6 +246,25 @@ class KvmVcpuRunner:
             return None
 
 
+_SYSTEM_FACTS: dict[tuple[str, int], tuple[Cpuid2, int]] = {}
+_SYSTEM_FACTS_LOCK = threading.Lock()
+
+
+def _system_facts(kvm: Kvm) -> tuple[Cpuid2, int]:
+    """(KVM_GET_SUPPORTED_CPUID, the most vCPUs) of this KVM device: answers of /dev/kvm
+    itself, the same for every VM, so asked once per process and device (the CPUID ioctl
+    costs ~0.5 ms, a tenth of a whole small lifecycle). Callers copy the CPUID before
+    changing it (``cpuid_for_vcpu``). A KVM module reloaded while the process runs is not
+    noticed."""
+    key = (kvm.path, os.fstat(kvm.fd).st_rdev)
+    with _SYSTEM_FACTS_LOCK:
+        facts = _SYSTEM_FACTS.get(key)
+        if facts is None:
+            max_vcpus = kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS) or 4
+            facts = _SYSTEM_FACTS[key] = (kvm.get_supported_cpuid(), max_vcpus)
+    return facts
+
+
 class KvmBackend:
     """KVM: a VM with memslots; vCPUs run in the kernel.
 
@@ -270,9 +290,8 @@ class KvmBackend:
             self.vm.set_tss_addr()
             if irqchip:
                 self._create_irqchip()
-            self._supported_cpuid = self.kvm.get_supported_cpuid()
+            self._supported_cpuid, self.max_vcpus = _system_facts(self.kvm)
             self._tsc_deadline = bool(irqchip and self.vm.check_extension(Cap.TSC_DEADLINE_TIMER))
-            self.max_vcpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS) or 4
         except BaseException:
             self.close()
             raise
