@@ -198,6 +198,27 @@ struct kvm_enable_cap {
     uint8_t  pad[64];
 };
 
+/* KVM_(UN)REGISTER_COALESCED_MMIO's zone; pio = 1 (KVM_CAP_COALESCED_PIO) makes it ports. */
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    uint32_t pio;  /* union { __u32 pad; __u32 pio; } */
+};
+
+/* One deferred write in the ring at page KVM_COALESCED_MMIO_PAGE_OFFSET of a vCPU's
+ * mapping (one ring per VM): the kernel fills [first, last), userspace advances first. */
+struct kvm_coalesced_mmio {
+    uint64_t phys_addr;
+    uint32_t len;
+    uint32_t pio;  /* union { __u32 pad; __u32 pio; } */
+    uint8_t  data[8];
+};
+
+struct kvm_coalesced_mmio_ring {
+    uint32_t first, last;
+    struct kvm_coalesced_mmio coalesced_mmio[];
+};
+
 struct kvm_msi {
     uint32_t address_lo;
     uint32_t address_hi;

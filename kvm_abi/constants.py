@@ -60,6 +60,7 @@ class Cap(IntEnum):
     X2APIC_API = 129
     IMMEDIATE_EXIT = 136
     X86_DISABLE_EXITS = 143
+    COALESCED_PIO = 162
     MANUAL_DIRTY_LOG_PROTECT2 = 168
     X86_USER_SPACE_MSR = 188
     X86_MSR_FILTER = 189
@@ -223,6 +224,9 @@ KVM_GUESTDBG_INJECT_BP = 0x80000
 KVM_GUESTDBG_BLOCKIRQ = 0x100000
 KVM_PIO_PAGE_OFFSET = 1
 KVM_COALESCED_MMIO_PAGE_OFFSET = 2
+KVM_COALESCED_MMIO_MAX = (PAGE_SIZE - 8) // 24
+"""Entries in the coalesced ring: (PAGE_SIZE - sizeof(struct kvm_coalesced_mmio_ring)) /
+sizeof(struct kvm_coalesced_mmio) = (4096 - 8) / 24 = 170, as the kernel's macro."""
 PIO_DATA_OFFSET = KVM_PIO_PAGE_OFFSET * PAGE_SIZE
 """Where x86 KVM puts port-I/O data in the vCPU's mapping (``kvm_run.io.data_offset``)."""
 

@@ -40,6 +40,9 @@ SIZES = {
     "struct kvm_translation": 24,
     "struct kvm_enable_cap": 104,
     "struct kvm_msi": 32,
+    "struct kvm_coalesced_mmio_zone": 16,
+    "struct kvm_coalesced_mmio": 24,
+    "struct kvm_coalesced_mmio_ring": 8,
     "struct kvm_run": 2352,
 }
 
@@ -130,6 +133,8 @@ IOCTL_NUMBERS = {
     "KVM_CREATE_PIT2": 0x4040AE77,
     "KVM_ENABLE_CAP": 0x4068AEA3,
     "KVM_SIGNAL_MSI": 0x4020AEA5,
+    "KVM_REGISTER_COALESCED_MMIO": 0x4010AE67,
+    "KVM_UNREGISTER_COALESCED_MMIO": 0x4010AE68,
     "KVM_SET_MEMORY_ATTRIBUTES": 0x4020AED2,
     "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
     "KVM_RUN": 0x0000AE80,
@@ -191,6 +196,7 @@ CAPS = {
     "X2APIC_API": 129,
     "IMMEDIATE_EXIT": 136,
     "X86_DISABLE_EXITS": 143,
+    "COALESCED_PIO": 162,
     "MANUAL_DIRTY_LOG_PROTECT2": 168,
     "X86_USER_SPACE_MSR": 188,
     "X86_MSR_FILTER": 189,
@@ -386,6 +392,8 @@ C_CHECKED = [
     ("struct kvm_translation", ["valid", "usermode"]),
     ("struct kvm_enable_cap", ["args", "pad"]),
     ("struct kvm_msi", ["devid"]),
+    ("struct kvm_coalesced_mmio_zone", ["addr", "pio"]),  # not "size": the table's own key
+    ("struct kvm_coalesced_mmio", ["phys_addr", "len", "pio", "data"]),
 ]
 # Newer structs are checked only if the installed header defines them.
 C_OPTIONAL = [

@@ -19,6 +19,8 @@ from vmm.strategies import parse_strategy
 _SIZE = re.compile(r"^\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 BACKENDS = ("auto", "kvm", "emulator")
+COALESCIBLE_DEVICES = ("post-code", "marker")
+"""The devices with registers KVM may coalesce (their ``COALESCIBLE``)."""
 DEFAULT_TIMEOUT = 60.0
 MAX_TIMEOUT = 30 * 24 * 3600.0  # a month: far beyond any run, well inside threading.TIMEOUT_MAX
 MAX_ADDRESS = (1 << 64) - 1
@@ -131,6 +133,11 @@ class MachineConfig:
     """A gdb stub's address (``tcp::1234``, ``tcp:HOST:PORT``): KVM only."""
     gdb_wait: bool = False
     """With ``gdb``: the guest does not start until gdb continues it (QEMU's ``-S``)."""
+    # Devices whose write-only registers KVM may coalesce (KVM_CAP_COALESCED_PIO: kept in
+    # its ring, replayed in order at the next exit). The POST port by default; the marker
+    # only when asked (its marks then carry the replay time). () = none; the emulator and a
+    # KVM without the capability ignore it.
+    coalesce: tuple[str, ...] = ("post-code",)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +198,7 @@ class MachineConfig:
             "fw_cfg": (tuple,),
             "initrd": (str, type(None)),
             "gdb": (str, type(None)),
+            "coalesce": (tuple,),
         }
         for name, types in expected.items():
             value = getattr(self, name)
@@ -242,6 +250,9 @@ class MachineConfig:
                 raise InputError(str(e)) from None
         elif self.gdb_wait:
             raise InputError("-S (wait for gdb) needs a gdb stub: add -s or --gdb tcp::PORT")
+        for name in self.coalesce:
+            if name not in COALESCIBLE_DEVICES:
+                raise InputError(f"cannot coalesce {name!r}: choose from {', '.join(COALESCIBLE_DEVICES)}")
 
     @property
     def mem_bytes(self) -> int:

@@ -194,6 +194,9 @@ class Machine:
             fw_cfg_files=fw_cfg_files,
             interrupt_line=getattr(backend, "interrupt_line", None),
         )
+        coalesce = getattr(backend, "coalesce", None)
+        if coalesce is not None and cfg.coalesce:
+            coalesce(self.bus.coalesce_ports(cfg.coalesce))
         pc_smp = image.pc or image.mode is CpuMode.REAL
         for index in range(cfg.vcpus):
             runner = backend.create_vcpu(index)

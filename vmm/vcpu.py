@@ -101,6 +101,16 @@ class Vcpu:
             raise ValueError(f"{self.name} is closed")
         return self._fd
 
+    def coalesced_ring(self) -> Any:
+        """The VM's coalesced-write ring (``struct kvm_coalesced_mmio_ring *``) at page
+        KVM_COALESCED_MMIO_PAGE_OFFSET of this mapping, or None when the mapping has no
+        such page. Valid until the vCPU is closed; the kernel writes ``last`` and the
+        entries, the VMM ``first``: check every value read from it."""
+        offset = abi.KVM_COALESCED_MMIO_PAGE_OFFSET * abi.PAGE_SIZE
+        if self._fd < 0 or self._map_size < offset + abi.PAGE_SIZE:
+            return None
+        return ffi.cast("struct kvm_coalesced_mmio_ring *", self._map_addr + offset)
+
     @property
     def shared_page(self) -> memoryview:
         """The whole vCPU mapping (kvm_run, then the PIO data page)."""

@@ -162,6 +162,18 @@ class Vm:
         """KVM_IRQ_LINE: set an interrupt line of the in-kernel irqchip."""
         self._ioctl(abi.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
 
+    def register_coalesced_zone(self, addr: int, size: int, *, pio: bool) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: writes to [addr, addr+size) (ports with ``pio``,
+        KVM_CAP_COALESCED_PIO) go to the VM's coalesced ring instead of exiting, while it
+        has room; reads still exit."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
+        self._ioctl(abi.KVM_REGISTER_COALESCED_MMIO, zone, detail=f"addr={addr:#x} size={size} pio={int(pio)}")
+
+    def unregister_coalesced_zone(self, addr: int, size: int, *, pio: bool) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO of a zone registered before."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": addr, "size": size, "pio": int(pio)})
+        self._ioctl(abi.KVM_UNREGISTER_COALESCED_MMIO, zone, detail=f"addr={addr:#x} size={size} pio={int(pio)}")
+
     def get_dirty_log(self, slot: int, bitmap: Any) -> None:
         """KVM_GET_DIRTY_LOG into ``bitmap`` (a cdata buffer of one bit per page)."""
         log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": int(ffi.cast("uintptr_t", bitmap))})

@@ -18,6 +18,7 @@ from kvm_abi import Cap, KvmError, MpState, ffi
 from kvm_abi.types import Cpuid2
 from vmm import exits as ex
 from vmm.backends.base import NEVER_STARTED, STOPPED, DebugHook, ExitCounts, StopFlag
+from vmm.backends.kvm_coalesced import CoalescedRing
 from vmm.backends.kvm_idle import IdleWatch
 from vmm.backends.kvm_state import apply_state, read_regs
 from vmm.cpu.state import CpuState
@@ -84,10 +85,12 @@ class KvmVcpuRunner:
         "_probe",
         "_probe_done",
         "probe_result",
+        "_ring",
     )
 
-    def __init__(self, vcpu: Vcpu, cpuid: Cpuid2, *, irqchip: bool = False) -> None:
+    def __init__(self, vcpu: Vcpu, cpuid: Cpuid2, *, irqchip: bool = False, ring: CoalescedRing | None = None) -> None:
         self.index = vcpu.index
+        self._ring = ring
         self.vcpu = vcpu
         self.counts = ExitCounts()
         self.debug: DebugHook | None = None  # a gdb stub's session (vmm.gdb), when attached
@@ -155,6 +158,8 @@ class KvmVcpuRunner:
                 debug.enter(self)  # with -S: held here until gdb continues
             return self._loop(bus, stop)
         finally:
+            if self._ring is not None:  # writes made since the last exit
+                self._ring.drain(bus)
             if debug is not None:
                 debug.leave(self)
             vcpu.unbind_thread()
@@ -173,12 +178,19 @@ class KvmVcpuRunner:
         fast_get = fast.get
         counts = self.counts
         n_io = n_intr = 0
+        # With coalesced registers, writes wait in the VM's ring until an exit: replay them
+        # before handling that exit (a read of the same device, or a write once the ring
+        # is full, then sees them in order), as the kernel documents.
+        ring = self._ring.ring if self._ring is not None else None
+        drain = self._ring.drain if self._ring is not None else None
         # `stop` is read only after EINTR: the machine never sets it without kicking every
         # vCPU, and a kick sets immediate_exit first, so the next KVM_RUN (this thread's
         # own, after a device asked to stop) returns EINTR at once.
         try:
             while True:
                 code = run_vcpu(fd, run)
+                if ring is not None and ring.first != ring.last:
+                    drain(bus)  # type: ignore[misc]  # set together with ring
                 call = fast_get(code)
                 if call is not None:
                     n_io += 1
@@ -296,6 +308,26 @@ class KvmBackend:
             self.close()
             raise
         self._runners: list[KvmVcpuRunner] = []
+        self._coalesced_zones: list[tuple[int, int]] = []
+        self._ring: CoalescedRing | None = None
+
+    def coalesce(self, zones: list[tuple[int, int]]) -> bool:
+        """Register the port ranges ``zones`` ((base, length), from
+        ``Bus.coalesce_ports``) as coalesced, before any vCPU exists. Where this KVM lacks
+        KVM_CAP_COALESCED_PIO (or the vCPU mapping has no ring page) nothing changes and
+        the answer is False."""
+        vm = self.vm
+        ring_end = (abi.KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * abi.PAGE_SIZE
+        if not zones or self._runners:
+            return False
+        if not (vm.check_extension(Cap.COALESCED_MMIO) and vm.check_extension(Cap.COALESCED_PIO)):
+            return False
+        if self.kvm.get_vcpu_mmap_size() < ring_end:
+            return False
+        for base, length in zones:
+            vm.register_coalesced_zone(base, length, pio=True)
+            self._coalesced_zones.append((base, length))
+        return True
 
     def _create_irqchip(self) -> None:
         for cap in (Cap.IRQCHIP, Cap.PIT2):
@@ -332,7 +364,10 @@ class KvmBackend:
         if index >= self.max_vcpus:
             raise ConfigError(f"this KVM supports at most {self.max_vcpus} vCPUs")
         cpuid = cpuid_for_vcpu(self._supported_cpuid, index, irqchip=self.irqchip, tsc_deadline=self._tsc_deadline)
-        runner = KvmVcpuRunner(self.vm.create_vcpu(index), cpuid, irqchip=self.irqchip)
+        vcpu = self.vm.create_vcpu(index)
+        if self._coalesced_zones and self._ring is None:
+            self._ring = CoalescedRing(vcpu.coalesced_ring())
+        runner = KvmVcpuRunner(vcpu, cpuid, irqchip=self.irqchip, ring=self._ring)
         self._runners.append(runner)
         return runner
 

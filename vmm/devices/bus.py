@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from vmm.errors import BusError, UnhandledAccess
@@ -36,7 +36,18 @@ Handler = Callable[[int, memoryview], None]
 class Bus:
     """Port I/O and MMIO dispatch for one machine (shared by all its vCPUs)."""
 
-    __slots__ = ("strict", "_pio", "_pio_write", "_pio_read", "_mmio", "_mmio_starts", "unhandled")
+    __slots__ = (
+        "strict",
+        "_pio",
+        "_pio_write",
+        "_pio_read",
+        "_mmio",
+        "_mmio_starts",
+        "unhandled",
+        "_coalesced",
+        "coalesced_writes",
+        "coalesced_refused",
+    )
 
     def __init__(self, *, strict: bool = False) -> None:
         self.strict = strict
@@ -47,6 +58,9 @@ class Bus:
         self._mmio: list[tuple[int, int, Device]] = []
         self._mmio_starts: list[int] = []
         self.unhandled = 0
+        self._coalesced: dict[int, tuple[Handler, int]] = {}  # port -> deferred-write handler
+        self.coalesced_writes = 0  # writes replayed from the backend's coalesced ring
+        self.coalesced_refused = 0  # ring entries that matched no coalesced register
 
     # --- registration ----------------------------------------------------------------------
     def register_pio(self, base: int, length: int, device: Device) -> None:
@@ -71,6 +85,38 @@ class Bus:
         i = bisect.bisect(self._mmio_starts, base)
         self._mmio.insert(i, (base, base + length, device))
         self._mmio_starts.insert(i, base)
+
+    def coalesce_ports(self, names: Iterable[str]) -> list[tuple[int, int]]:
+        """Let the writes of the devices named ``names`` be coalesced, where they say a
+        register may be (``COALESCIBLE``: (offset, length) pairs of write-only registers
+        that do not care when a write is seen, only in which order). Returns the port
+        ranges (base, length) for the backend to register; from now on
+        :meth:`coalesced_write` accepts exactly those ports."""
+        wanted = set(names)
+        zones: list[tuple[int, int]] = []
+        for base, _end, device in self._pio:
+            if device.name not in wanted:
+                continue
+            write = getattr(device, "write_deferred", device.write)
+            for offset, length in getattr(device, "COALESCIBLE", ()):
+                zones.append((base + offset, length))
+                for port in range(base + offset, base + offset + length):
+                    self._coalesced[port] = (write, port - base)
+        return sorted(zones)
+
+    def coalesced_write(self, port: int, data: memoryview) -> None:
+        """One write replayed from the backend's coalesced ring (guest-influenced: the port
+        and size are checked against what :meth:`coalesce_ports` registered; anything
+        else is counted in ``coalesced_refused`` and dropped)."""
+        entry = self._coalesced.get(port)
+        size = len(data)
+        last = self._coalesced.get(port + size - 1) if 1 <= size <= 8 else None
+        if entry is None or last is None or last[0] != entry[0]:  # within one device's register
+            self.coalesced_refused += 1
+            return
+        handler, offset = entry
+        self.coalesced_writes += 1
+        handler(offset, data)
 
     def pio_handlers(self) -> tuple[dict[int, tuple[Handler, int]], dict[int, tuple[Handler, int]]]:
         """(write table, read table): port -> (handler, offset). For backends' hot loops."""

@@ -8,6 +8,11 @@ The guest fills this list, so it is bounded: the first :data:`MAX_MARKS` marks a
 and later ones only counted in ``dropped`` (a guest writing the port in a loop grew host
 memory by 11 MiB/s before). Reads return the number of marks kept so far, so a guest can
 see that it hit the limit.
+
+The port's writes may be coalesced (``MachineConfig.coalesce`` names it; KVM keeps them in
+its ring): the values and their order are exact, but such a mark carries the time the VMM
+replayed it (the next exit) and vCPU -1 (the ring does not say which vCPU wrote it), so it
+is opt-in: memtouch times its passes by marks.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class Marker:
     __slots__ = ("marks", "dropped", "limit", "_vcpu", "_lock")
     name = "marker"
     WIDTH = 4
+    COALESCIBLE = ((0, 4),)  # (offset, length)
 
     def __init__(self, limit: int = MAX_MARKS) -> None:
         self.marks: list[tuple[int, int, int]] = []
@@ -45,8 +51,15 @@ class Marker:
     def write(self, offset: int, data: memoryview) -> None:
         if offset != 0:
             return
-        now = time.monotonic_ns()
-        mark = (now, getattr(self._vcpu, "index", -1), int.from_bytes(data, "little"))
+        self._record(getattr(self._vcpu, "index", -1), data)
+
+    def write_deferred(self, offset: int, data: memoryview) -> None:
+        """A write replayed from KVM's coalesced ring: the vCPU that made it is unknown."""
+        if offset == 0:
+            self._record(-1, data)
+
+    def _record(self, vcpu: int, data: memoryview) -> None:
+        mark = (time.monotonic_ns(), vcpu, int.from_bytes(data, "little"))
         with self._lock:
             if len(self.marks) < self.limit:
                 self.marks.append(mark)
