@@ -215,6 +215,10 @@ class Machine:
     def _prefault(self, backend: Backend, ranges: list[tuple[int, int]]) -> Any:
         from vmm.prefault import prefault_backend
 
+        controllers = getattr(backend, "create_interrupt_controllers", None)
+        if controllers is not None:  # before the kernel strategies' helper vCPUs
+            controllers()
+
         return prefault_backend(
             backend,
             ranges,

@@ -285,6 +285,13 @@ class KvmBackend:
     0xfee00000 per vCPU, and KVM's default GSI routing) and KVM_CREATE_PIT2 with the dummy
     speaker port, so port 0x61 and the PIT's channel 2 answer from the kernel as Linux's
     calibration expects. ``irqchip=False`` is a bare machine: no APIC in CPUID, HLT exits.
+
+    The controllers are created after the first memslot (:meth:`create_interrupt_controllers`,
+    called by the first :meth:`create_vcpu`), not with the VM: on this host creating them
+    starts an SRCU grace period that the next memslot change waits out (~7.5 ms), while a
+    memslot registered before them lets that wait overlap the rest of the run and the VM's
+    teardown, which waits for SRCU anyway (bench/lifecycle.py measures both orders' cost).
+    The capabilities are checked here, before any memory exists.
     """
 
     name = "kvm"
@@ -301,7 +308,8 @@ class KvmBackend:
             # Three pages KVM needs for real mode on VMX hosts; inside the MMIO hole.
             self.vm.set_tss_addr()
             if irqchip:
-                self._create_irqchip()
+                self._check_irqchip()
+            self._irqchip_pending = irqchip
             self._supported_cpuid, self.max_vcpus = _system_facts(self.kvm)
             self._tsc_deadline = bool(irqchip and self.vm.check_extension(Cap.TSC_DEADLINE_TIMER))
         except BaseException:
@@ -329,7 +337,7 @@ class KvmBackend:
             self._coalesced_zones.append((base, length))
         return True
 
-    def _create_irqchip(self) -> None:
+    def _check_irqchip(self) -> None:
         for cap in (Cap.IRQCHIP, Cap.PIT2):
             if not self.vm.check_extension(cap):
                 raise Unavailable(
@@ -337,8 +345,15 @@ class KvmBackend:
                     "(run with --irqchip off for a bare machine)",
                     cap.name,
                 )
-        self.vm.create_irqchip()
-        self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+
+    def create_interrupt_controllers(self) -> None:
+        """With ``irqchip``: KVM_CREATE_IRQCHIP and KVM_CREATE_PIT2, once (idempotent). KVM
+        takes them only before the VM's first vCPU: :meth:`create_vcpu` calls this, and so
+        must anyone creating vCPUs on ``self.vm`` directly (pre-population's helpers)."""
+        if self._irqchip_pending:
+            self._irqchip_pending = False
+            self.vm.create_irqchip()
+            self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
 
     def interrupt_line(self, irq: int) -> Callable[[int], None] | None:
         """``set(level)`` for ISA interrupt ``irq`` of the in-kernel PIC and IOAPIC
@@ -363,6 +378,7 @@ class KvmBackend:
     def create_vcpu(self, index: int) -> KvmVcpuRunner:
         if index >= self.max_vcpus:
             raise ConfigError(f"this KVM supports at most {self.max_vcpus} vCPUs")
+        self.create_interrupt_controllers()
         cpuid = cpuid_for_vcpu(self._supported_cpuid, index, irqchip=self.irqchip, tsc_deadline=self._tsc_deadline)
         vcpu = self.vm.create_vcpu(index)
         if self._coalesced_zones and self._ring is None:
