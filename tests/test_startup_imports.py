@@ -97,3 +97,30 @@ def test_the_emulator_run_uses_the_emulator():
     status, modules = _modules_after("run", "-q", str(GUESTS / "hello64.elf"), env=env)
     assert status == 1
     assert "vmm.backends.emulator" in modules and "vmm.prefault" not in modules
+
+
+def test_the_plan_of_an_unchanged_image_is_reused(tmp_path):
+    import os
+    import shutil
+
+    from vmm.cpu.layout import BootLayout
+    from vmm.loader import plan_image
+
+    image = tmp_path / "hello64.elf"
+    shutil.copyfile(GUESTS / "hello64.elf", image)
+    ram = BootLayout.ram_ranges(64 << 20)
+    first = plan_image(image, ram)
+    assert plan_image(image, ram) is first  # the same file and arguments: planned once
+    assert plan_image(image, BootLayout.ram_ranges(32 << 20)) is not first  # other arguments
+    data = bytearray(image.read_bytes())
+    entry_offset = 24  # e_entry of the ELF64 header
+    data[entry_offset : entry_offset + 8] = (first.entry + 1).to_bytes(8, "little")
+    image.write_bytes(bytes(data))  # rewritten in place, maybe within the same mtime tick
+    changed = plan_image(image, ram)
+    assert changed is not first and changed.entry == first.entry + 1
+    os.unlink(image)
+    os.mkfifo(image)  # no longer a regular file: refused, never a stale plan
+    from vmm.errors import InputError
+
+    with pytest.raises(InputError, match="is a FIFO"):
+        plan_image(image, ram)

@@ -9,6 +9,7 @@ writes it. Loaders touch no vCPU: the plan says where to start and in which mode
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -157,7 +158,73 @@ def plan_image(
     first 8 KiB makes it a Multiboot kernel (``cmdline`` and ``modules`` ((path, string or
     None for the path)) go to its info block). Both follow PC conventions. Otherwise
     ``mode`` overrides the image's own choice (ELF class, or a ``VMM`` note), ``load_addr``
-    applies to flat binaries, ``entry`` overrides the entry point."""
+    applies to flat binaries, ``entry`` overrides the entry point.
+
+    The plan of an unchanged image with the same arguments is reused (:func:`_plan_key`):
+    planning is pure, and a suite running one image a thousand times plans it once."""
+    key = _plan_key(path, ram, mode, load_addr, entry, cmdline, modules, initrd, nr_vcpus)
+    cached = _PLANS.get(key) if key is not None else None
+    if cached is not None:
+        return cached
+    plan = _plan_image(path, ram, mode, load_addr, entry, cmdline, modules, initrd, nr_vcpus)
+    if key is not None and sum(len(s.data) for s in plan.segments) <= PLAN_CACHE_BYTES:
+        with _PLANS_LOCK:  # machines are built from several threads in some test suites
+            while len(_PLANS) >= PLAN_CACHE_ENTRIES:
+                del _PLANS[next(iter(_PLANS))]  # the oldest
+            _PLANS[key] = plan
+    return plan
+
+
+PLAN_CACHE_ENTRIES = 8
+PLAN_CACHE_BYTES = 16 << 20
+"""Plans of at most this many bytes of segments are kept (PLAN_CACHE_ENTRIES of them)."""
+_PLANS: dict[tuple[object, ...], ImagePlan] = {}
+_PLANS_LOCK = threading.Lock()
+
+
+def _plan_key(
+    path: str | Path,
+    ram: Sequence[tuple[int, int]],
+    mode: CpuMode | None,
+    load_addr: int | None,
+    entry: int | None,
+    cmdline: str,
+    modules: Sequence[tuple[str, str | None]],
+    initrd: str | None,
+    nr_vcpus: int,
+) -> tuple[object, ...] | None:
+    """What a plan depends on, or None where it is not worth keeping: the image file by
+    device, inode, size, modification and change time (a file rewritten in place, even
+    within the same second, changes ``st_ctime_ns``), and every argument. Plans are pure
+    and frozen (ImagePlan's segments are bytes), so a later run of an unchanged image
+    reuses the plan and its checks. Images with modules or an initrd (other files) are
+    planned afresh; anything but a regular file too, so ``read_image`` refuses it."""
+    import os
+    import stat
+
+    if modules or initrd is not None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # read_image says why
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    file_id = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (*file_id, tuple(ram), mode, load_addr, entry, cmdline, nr_vcpus)
+
+
+def _plan_image(
+    path: str | Path,
+    ram: Sequence[tuple[int, int]],
+    mode: CpuMode | None,
+    load_addr: int | None,
+    entry: int | None,
+    cmdline: str,
+    modules: Sequence[tuple[str, str | None]],
+    initrd: str | None,
+    nr_vcpus: int,
+) -> ImagePlan:
     from vmm.loader.elf import ELF_MAGIC, plan_elf
     from vmm.loader.flat import plan_flat
     from vmm.loader.multiboot import find_header, plan_multiboot
