@@ -173,3 +173,16 @@ def test_post_writes_are_all_counted_when_coalesced():
 def test_the_emulator_ignores_coalescing(tmp_path):
     marks, _ = _marker_run(tmp_path, "emulator", ("marker",))
     assert [value for _, _, value in marks] == list(range(1, MARKS + 1))
+
+
+def test_a_config_file_names_the_coalesced_devices(tmp_path):
+    from vmm.config_file import load_config_file
+
+    path = tmp_path / "vm.toml"
+    path.write_text('image = "guests/hello64.elf"\ncoalesce = ["post-code", "marker"]\n')
+    fields = load_config_file(path)
+    assert fields["coalesce"] == ("post-code", "marker")
+    assert MachineConfig.parse(**fields).coalesce == ("post-code", "marker")
+    path.write_text('image = "guests/hello64.elf"\ncoalesce = "marker"\n')
+    with pytest.raises(InputError, match="coalesce must be"):
+        load_config_file(path)

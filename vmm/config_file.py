@@ -45,6 +45,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "count_faults": ((bool,), False),
     "gdb": (_STR, True),
     "gdb_wait": ((bool,), False),
+    "coalesce": ((list,), False),
 }
 
 
@@ -127,7 +128,7 @@ def _check(path: str, key: str, value: object) -> Any:
         if bad:
             raise InputError(f"--config {path}: args.{bad[0]} must be a string, not {_type_name(value[bad[0]])}")
         return dict(value)
-    if isinstance(value, list):  # modules, fw_cfg
+    if isinstance(value, list):  # modules, fw_cfg, coalesce
         bad_items = [v for v in value if not isinstance(v, str)]
         if bad_items:
             raise InputError(f"--config {path}: {key} must be a list of strings, not of {_type_name(bad_items[0])}")
