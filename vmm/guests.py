@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmm.errors import InputError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 PACKAGE = "vmm._guest_images"
 SUFFIXES = (".elf", ".bin")
@@ -33,6 +35,10 @@ atexit.register(_extracted.close)
 
 
 def _root() -> Traversable:
+    # importlib.resources (and the tempfile module it pulls in) only when a bundled guest is
+    # looked up: `vmm run FILE` of an existing file never needs it.
+    import importlib.resources
+
     return importlib.resources.files(PACKAGE)
 
 
@@ -51,6 +57,8 @@ def find(name: str) -> Path | None:
     known = names()
     for candidate in (name, *(name + s for s in SUFFIXES)):
         if candidate in known:
+            import importlib.resources
+
             ref = _root().joinpath(*candidate.split("/"))
             return _extracted.enter_context(importlib.resources.as_file(ref))
     return None

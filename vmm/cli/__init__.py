@@ -9,7 +9,6 @@ stdout/stderr never changes the guest's status (:mod:`vmm.cli.streams`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -102,6 +101,8 @@ def fail(message: str, status: int, *, json_output: bool) -> int:
     (``vmm/schema/error.json``) on stdout. Returns ``status``."""
     streams.notice(message)
     if json_output:
+        import json  # only here: not on every command's start-up
+
         from vmm.schema import SCHEMA_VERSION
 
         error = {"schema_version": SCHEMA_VERSION, "error": message, "status": status}
