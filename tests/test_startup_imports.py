@@ -27,6 +27,8 @@ NOT_ON_THE_KVM_PATH = (
     "json",  # only for --json
     "importlib.resources",  # only to look up a bundled guest by name
     "tempfile",
+    "vmm.cli.prefault",  # the other subcommands' parsers are not built for `vmm run`
+    "vmm.cli.qemu",
 )
 # cffi's Python package is needed only in ABI mode; the compiled module brings its own ffi.
 NOT_WHEN_COMPILED = ("cffi",)
