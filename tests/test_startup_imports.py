@@ -131,3 +131,38 @@ def test_the_plan_of_an_unchanged_image_is_reused(tmp_path):
 
     with pytest.raises(InputError, match="is a FIFO"):
         plan_image(image, ram)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_cli_leaves_the_cyclic_gc_as_it_found_it(enabled):
+    import gc
+
+    from vmm.cli import main
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        assert main(["run", "-q", "--mem", "0", str(GUESTS / "hello64.elf")]) == 2
+        assert main(["nonsense"]) == 2
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.kvm
+def test_the_guest_runs_with_the_cyclic_gc_on():
+    code = (
+        "import gc, sys\n"
+        "import vmm.machine as m\n"
+        "seen = []\n"
+        "orig = m.Machine._run_built\n"
+        "def run_built(self, *a):\n"
+        "    seen.append(gc.isenabled())\n"
+        "    return orig(self, *a)\n"
+        "m.Machine._run_built = run_built\n"
+        "from vmm.cli import main\n"
+        "status = main(['run', '-q', '--backend', 'kvm', sys.argv[1]])\n"
+        "print(status, seen, gc.isenabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(GUESTS / "hello64.elf")], capture_output=True, text=True)
+    assert out.stdout.split("\n")[-2] == "1 [True] True", out.stdout + out.stderr

@@ -218,7 +218,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
         console = streams.stdout_binary()
         if console is None:
             streams.notice("stdout is closed: the guest's console is not shown")
-    machine = Machine(config, console=console, notice=streams.notice, progress=not ns.json and _stderr_is_tty())
+    machine = Machine(
+        config,
+        console=console,
+        notice=streams.notice,
+        progress=not ns.json and _stderr_is_tty(),
+        before_boot=lambda _machine: getattr(ns, "resume_gc", lambda: None)(),  # see vmm.cli.main
+    )
     result = machine.run()
     if result.status == STATUS_BROKEN_PIPE:
         return result.status  # quietly, as the shell's convention for a closed pipe
