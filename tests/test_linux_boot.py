@@ -74,7 +74,12 @@ def test_bad_linux_input_is_one_line_and_status_2(kernel, args, fragment):
 
 
 def _cached_kernel() -> Path | None:
-    for pattern in (".cache/linux/vmlinuz*", ".cache/lab/kernel/*/boot/vmlinuz-*"):
+    patterns = (
+        ".cache/linux/vmlinuz*",
+        ".cache/lab/kernel/*/boot/vmlinuz-*",
+        ".cache/lab/kernel/*/usr/lib/*/*/vmlinuz",
+    )
+    for pattern in patterns:
         found = sorted(ROOT.glob(pattern))
         if found:
             return found[0]

@@ -78,6 +78,12 @@ def _sigint_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _is_linux(image: ImagePlan) -> bool:
+    """A Linux plan (without importing the Linux loader when no Linux plan exists)."""
+    linux = sys.modules.get("vmm.loader.linux")
+    return linux is not None and isinstance(image, linux.LinuxPlan)
+
+
 def _pc_state(image: ImagePlan) -> CpuState:
     """vCPU 0's state at a PC-convention image's entry. The Linux loader (and the platform
     tables it pulls in) is imported only when a Linux plan exists, so only then."""
@@ -197,6 +203,11 @@ class Machine:
         coalesce = getattr(backend, "coalesce", None)
         if coalesce is not None and cfg.coalesce:
             coalesce(self.bus.coalesce_ports(cfg.coalesce))
+        check_xsave = getattr(backend, "check_xsave", None)
+        if check_xsave is not None and _is_linux(image):
+            note = check_xsave()
+            if note:
+                self.notice(note)
         pc_smp = image.pc or image.mode is CpuMode.REAL
         for index in range(cfg.vcpus):
             runner = backend.create_vcpu(index)

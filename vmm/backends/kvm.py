@@ -21,6 +21,7 @@ from vmm.backends.base import NEVER_STARTED, STOPPED, DebugHook, ExitCounts, Sto
 from vmm.backends.kvm_coalesced import CoalescedRing
 from vmm.backends.kvm_idle import IdleWatch
 from vmm.backends.kvm_state import apply_state, read_regs
+from vmm.backends.kvm_xsave import without_xsave, xsetbv_reaches_kvm
 from vmm.cpu.state import CpuState
 from vmm.devices.bus import Bus
 from vmm.errors import ConfigError, Unavailable
@@ -354,6 +355,18 @@ class KvmBackend:
             self._irqchip_pending = False
             self.vm.create_irqchip()
             self.vm.create_pit2(abi.KVM_PIT_SPEAKER_DUMMY)
+
+    def check_xsave(self) -> str | None:
+        """Before the vCPUs exist: hide XSAVE from them if this KVM does not see its
+        guest's XSETBV (:mod:`vmm.backends.kvm_xsave`; Linux cannot boot on that CPUID).
+        Returns a one-line notice when it did, else None."""
+        if xsetbv_reaches_kvm(self.kvm, self._supported_cpuid):
+            return None
+        without_xsave(self._supported_cpuid)
+        return (
+            "this KVM does not see the guest's XSETBV (a KVM nested under QEMU's TCG?): "
+            "XSAVE and AVX hidden from the guest, which saves its FPU with FXSAVE"
+        )
 
     def interrupt_line(self, irq: int) -> Callable[[int], None] | None:
         """``set(level)`` for ISA interrupt ``irq`` of the in-kernel PIC and IOAPIC
