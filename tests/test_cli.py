@@ -124,6 +124,15 @@ def test_run_json_has_the_documented_keys():
     assert proc.stderr == ""
 
 
+def test_the_first_mark_is_reported_in_seconds_since_the_run_started(vmm_backend):
+    marked = vmm("run", "guests/memtouch64.elf", "--arg", "passes=1", "--mem", "16M", "--backend", vmm_backend)
+    assert marked.returncode == 1 and "; first mark after " in marked.stderr, marked.stderr
+    result = json.loads(vmm("run", "guests/memtouch64.elf", "--json", "--mem", "16M", "--backend", vmm_backend).stdout)
+    assert 0 <= result["first_mark_seconds"] <= result["seconds"]
+    unmarked = json.loads(vmm("run", "guests/hello64.elf", "--json", "--backend", vmm_backend).stdout)
+    assert unmarked["marks"] == [] and unmarked["first_mark_seconds"] is None
+
+
 @pytest.mark.kvm
 def test_exit_value_becomes_an_odd_status(tmp_path):
     # mov al, 21 ; out 0xf4, al   (real mode flat)

@@ -59,4 +59,8 @@ def test_the_lab_kernel_boots_to_init_and_reports_its_cpus(request, initramfs, v
     assert f"{linuxguest.MARKER} cpus={vcpus}\r\n" in result["console"], (result["reason"], tail)
     assert result["exit_value"] == vcpus and proc.returncode == (vcpus << 1) | 1, (result["reason"], tail)
     assert [m["value"] for m in result["marks"]][:1] == [linuxguest.INIT_MARK]
-    print(f"{kernel.name} ({vcpus} vCPUs): status {proc.returncode} after {result['seconds']:.1f} s")
+    assert 0 < result["first_mark_seconds"] <= result["seconds"]
+    print(
+        f"\n{kernel}: {vcpus} vCPU(s), status {proc.returncode}, "
+        f"time to init {result['first_mark_seconds']:.2f} s, run {result['seconds']:.2f} s"
+    )

@@ -128,6 +128,7 @@ class Machine:
         self.progress = progress
         self.stop = StopFlag()
         self.backend: Backend | None = None
+        self._run_started_ns: int | None = None
         self.vcpus: list[VcpuRunner] = []
         self.image: ImagePlan | None = None
         self.marker = Marker()
@@ -353,6 +354,7 @@ class Machine:
         ]
         timed_out = interrupted = idle = False
         run_started = time.monotonic()
+        self._run_started_ns = time.monotonic_ns()  # the marker's clock: time to the first mark
         try:
             # A Ctrl-C inside Thread.start() would leave a thread that starts after teardown
             # released its vCPU: hold SIGINT until every thread runs (it is delivered then).
@@ -458,6 +460,7 @@ class Machine:
             exit_value=exit_value,
             crash=crash,
             marks=list(self.marker.marks),
+            run_started_ns=self._run_started_ns,
             prefault=self._prefault_report,
             image=self.config.image,
             mode=self.image.mode.value,

@@ -61,6 +61,15 @@ class RunResult:
     marks_dropped: int = 0
     console_error: str | None = None
     faults: list[dict[str, int]] | None = None  # --count-faults: per vCPU, by event and "faults"
+    run_started_ns: int | None = None  # time.monotonic_ns() when the vCPUs started (the marks' clock)
+
+    @property
+    def first_mark_seconds(self) -> float | None:
+        """Seconds from the start of the run to the guest's first write of the marker port
+        (a Linux /init that writes it first thing: the time to init), or None."""
+        if not self.marks or self.run_started_ns is None:
+            return None
+        return max(0, self.marks[0][0] - self.run_started_ns) / 1e9
 
     @property
     def total_exits(self) -> int:
@@ -77,6 +86,9 @@ class RunResult:
             line += f"; {self.console_dropped} console bytes beyond {CONSOLE_LIMIT >> 20} MiB not kept"
         if self.marks_dropped:
             line += f"; {self.marks_dropped} marks dropped"
+        first = self.first_mark_seconds
+        if first is not None:
+            line += f"; first mark after {first:.3f} s"
         if self.faults is not None:
             line += "; KVM page faults per vCPU: " + ", ".join(str(f.get("faults", 0)) for f in self.faults)
         return line
@@ -100,6 +112,7 @@ class RunResult:
             "mode": self.mode,
             "marks": [{"ns": ns, "vcpu": cpu, "value": value} for ns, cpu, value in self.marks],
             "marks_dropped": self.marks_dropped,
+            "first_mark_seconds": None if self.first_mark_seconds is None else round(self.first_mark_seconds, 6),
         }
         if self.crash is not None:
             out["crash"] = {
