@@ -10,10 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def vmm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``python -m vmm ARGS...`` from the repository root, with ``env`` added to ours."""
+def vmm(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m vmm ARGS...`` from the repository root, with ``env`` added to ours; stdin
+    is ``input`` through a pipe, else /dev/null (never the terminal pytest runs on: vmm
+    would feed it to the guest)."""
     return subprocess.run(
         [sys.executable, "-m", "vmm", *args],
+        input=input,
+        stdin=subprocess.DEVNULL if input is None else None,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -25,6 +25,7 @@ from vmm.backends import open_backend
 from vmm.backends.base import Backend, StopFlag, VcpuOutcome, VcpuRunner
 from vmm.bootinfo import write_boot_info
 from vmm.config import MachineConfig
+from vmm.console_input import ESCAPE_QUIT, ConsoleInput, InputQueue
 from vmm.cpu.layout import BootLayout, CpuMode
 from vmm.cpu.state import CpuState, boot_state, pc_boot_state, write_system_tables
 from vmm.devices import Bus, Marker
@@ -107,7 +108,9 @@ class Machine:
     one-line messages for the user (the backend fallback). ``before_boot(machine)`` runs
     once everything is built and loaded, before any vCPU starts (tests poke guest RAM or
     drive the kernel there); ``after_run(machine)`` runs after every vCPU stopped, before
-    the memory is released (tests inspect guest RAM there).
+    the memory is released (tests inspect guest RAM there). ``console_input`` is an fd
+    whose bytes go to COM1's receive side as they arrive (``vmm run`` passes stdin);
+    ``escape`` turns on Ctrl-A x (stop the run) on it (:mod:`vmm.console_input`).
     """
 
     def __init__(
@@ -119,6 +122,8 @@ class Machine:
         progress: bool = False,
         before_boot: Callable[[Machine], None] | None = None,
         after_run: Callable[[Machine], None] | None = None,
+        console_input: int | None = None,
+        escape: bool = False,
     ) -> None:
         self.config = config
         self.before_boot = before_boot
@@ -142,6 +147,9 @@ class Machine:
         self._vcpu_tids: dict[int, int] = {}
         self._fault_counts: list[dict[str, int]] | None = None
         self.gdb: Any = None  # a vmm.gdb.stub.GdbStub with --gdb
+        self._input_fd = console_input
+        self._escape = escape
+        self._input: ConsoleInput | None = None
 
     # --- building ------------------------------------------------------------------------
     def _build(self, stack: contextlib.ExitStack) -> None:
@@ -189,7 +197,8 @@ class Machine:
                 image_end=image.end,
                 args=cfg.args,
             )
-        attach_pc_devices(
+        queue = InputQueue() if self._input_fd is not None else None
+        serial = attach_pc_devices(
             self.bus,
             memory=memory,
             console=self.console.write,
@@ -200,10 +209,16 @@ class Machine:
             nr_vcpus=cfg.vcpus,
             fw_cfg_files=fw_cfg_files,
             interrupt_line=getattr(backend, "interrupt_line", None),
+            serial_input=queue,
         )
         coalesce = getattr(backend, "coalesce", None)
         if coalesce is not None and cfg.coalesce:
             coalesce(self.bus.coalesce_ports(cfg.coalesce))
+        if queue is not None and self._input_fd is not None:
+            self._input = ConsoleInput(
+                self._input_fd, queue, serial.pull, escape=self._escape, on_quit=lambda: self._finish("quit", None)
+            )
+            stack.callback(self._input.stop)
         check_xsave = getattr(backend, "check_xsave", None)
         if check_xsave is not None and _is_linux(image):
             note = check_xsave()
@@ -363,6 +378,8 @@ class Machine:
                     self.gdb.start()
                 for t in threads:
                     t.start()
+            if self._input is not None:
+                self._input.start()
             timed_out, idle = self._wait(threads, run_started, timeout)
         except KeyboardInterrupt:
             interrupted = True
@@ -441,6 +458,8 @@ class Machine:
             status, reason = STATUS_RESET, f"guest reset the machine ({detail})"
         elif kind == "gdb-kill":
             status, reason = STATUS_HALTED, "killed from gdb"
+        elif kind == "quit":
+            status, reason = STATUS_INTERRUPTED, f"stopped from the console ({ESCAPE_QUIT})"
         elif kind == "broken-pipe":
             status, reason = STATUS_BROKEN_PIPE, "stopped: the console's reader went away (broken pipe)"
         elif interrupted:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from typing import IO, Any
 
 from vmm.cli import streams
 from vmm.cli.logs import add_log_level
@@ -17,7 +18,7 @@ exit status of `vmm run` (QEMU-compatible: odd = the guest spoke, even = the VMM
   2             bad input or configuration (one line on stderr says what)
   4             the guest crashed (triple fault, internal error): vCPU and RIP reported
   124           --timeout reached
-  130           interrupted (Ctrl-C)
+  130           interrupted (Ctrl-C, SIGTERM or SIGHUP), or Ctrl-A x on the terminal
   70            an internal error in the VMM (a bug: please report it; -v shows the traceback)
   141           stdout was closed by its reader (a pipe into head)
 """
@@ -141,6 +142,13 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "-S", dest="gdb_wait", action="store_true", help="with a gdb stub: start the guest only when gdb continues"
     )
+    run.add_argument(
+        "--serial",
+        default="stdio",
+        metavar="FILE|stdio|none",
+        help="COM1: stdio (default: output to stdout, input from stdin; on a terminal Ctrl-A x quits), "
+        "a FILE to write the output to (created or truncated; no input), or none",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the console")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging and registers on a crash")
@@ -209,23 +217,63 @@ def config_from(ns: argparse.Namespace) -> MachineConfig:
     return MachineConfig.parse(guests.resolve(image), **values)
 
 
+def _open_serial_file(path: str) -> IO[bytes]:
+    """``--serial FILE``: created or truncated; InputError (one line, status 2) if it cannot be."""
+    from vmm.errors import InputError
+
+    if os.path.isdir(path):
+        raise InputError(f"--serial {path}: is a directory")
+    try:
+        return open(path, "wb")  # closed by the ExitStack of cmd_run
+    except OSError as e:
+        raise InputError(f"--serial {path}: {e.strerror or e}") from None
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
+    import contextlib
+
     config = config_from(ns)
     from vmm.machine import STATUS_BROKEN_PIPE, Machine
 
-    console = None
-    if not ns.json:
-        console = streams.stdout_binary()
-        if console is None:
-            streams.notice("stdout is closed: the guest's console is not shown")
-    machine = Machine(
-        config,
-        console=console,
-        notice=streams.notice,
-        progress=not ns.json and _stderr_is_tty(),
-        before_boot=lambda _machine: getattr(ns, "resume_gc", lambda: None)(),  # see vmm.cli.main
-    )
-    result = machine.run()
+    with contextlib.ExitStack() as stack:
+        console: IO[bytes] | None = None
+        stdin: int | None = None
+        tty = False
+        if ns.serial == "stdio":
+            if not ns.json:
+                console = streams.stdout_binary()
+                if console is None:
+                    streams.notice("stdout is closed: the guest's console is not shown")
+            if _fd_open(0):
+                stdin = 0
+                if os.isatty(0):
+                    from vmm.cli import terminal  # termios and signals only for a terminal
+
+                    if terminal.in_background(0):
+                        stdin = None  # reading it or changing its mode would stop us (SIGTTIN/SIGTTOU)
+                    else:
+                        tty = True
+                        stack.enter_context(terminal.raw_mode(0))
+        elif ns.serial != "none":
+            console = stack.enter_context(_open_serial_file(ns.serial))
+        machine = Machine(
+            config,
+            console=console,
+            notice=streams.notice,
+            progress=not ns.json and _stderr_is_tty(),
+            before_boot=lambda _machine: getattr(ns, "resume_gc", lambda: None)(),  # see vmm.cli.main
+            console_input=stdin,
+            escape=tty,
+        )
+        result = machine.run()
     if result.status == STATUS_BROKEN_PIPE:
         return result.status  # quietly, as the shell's convention for a closed pipe
     if ns.json:

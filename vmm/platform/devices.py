@@ -29,7 +29,7 @@ from vmm.devices.fw_cfg import FW_CFG_DMA_PORT, FW_CFG_PORT, FwCfg
 from vmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from vmm.devices.marker import MARK_PORT
 from vmm.devices.post import POST_PORT
-from vmm.devices.serial import COM1
+from vmm.devices.serial import COM1, ByteSource
 from vmm.devices.sysctl import PORT_A, PORT_B, SystemControlA, SystemControlB
 from vmm.memory import GuestMemory
 from vmm.platform.fw_cfg import fw_cfg_items, parse_fw_cfg_options
@@ -60,11 +60,15 @@ def attach_pc_devices(
     nr_vcpus: int,
     fw_cfg_files: Sequence[tuple[str, bytes]] = (),
     interrupt_line: Callable[[int], Callable[[int], None] | None] | None = None,
-) -> None:
+    serial_input: ByteSource | None = None,
+) -> Serial16550:
     """Register every legacy device on ``bus``. ``interrupt_line(irq)`` gives a device its
-    ISA interrupt line (the backend's; None where there is no interrupt controller)."""
+    ISA interrupt line (the backend's; None where there is no interrupt controller);
+    ``serial_input`` feeds COM1's receive side. Returns COM1 (the host's input thread
+    tells it when bytes arrived)."""
     line = interrupt_line or (lambda irq: None)
-    bus.register_pio(COM1, Serial16550.WIDTH, Serial16550(console, irq=line(COM1_IRQ)))
+    serial = Serial16550(console, irq=line(COM1_IRQ), source=serial_input)
+    bus.register_pio(COM1, Serial16550.WIDTH, serial)
     bus.register_pio(EXIT_PORT, ExitPort.WIDTH, ExitPort(request_exit))
     bus.register_pio(POST_PORT, 1, PostCode())
     bus.register_pio(MARK_PORT, Marker.WIDTH, marker)
@@ -77,3 +81,4 @@ def attach_pc_devices(
     bus.register_pio(I8042_COMMAND_PORT, 1, i8042)
     bus.register_pio(PORT_A, 1, SystemControlA(lambda: request_reset("fast reset through port 0x92")))
     bus.register_pio(PORT_B, 1, SystemControlB())
+    return serial
