@@ -204,3 +204,20 @@ def test_help_lists_the_exit_statuses():
     proc = vmm("run", "--help")
     assert proc.returncode == 0
     assert "(v << 1) | 1" in proc.stdout and "124" in proc.stdout
+
+
+def test_serial_file_is_created_or_truncated_and_gets_the_console(tmp_path, vmm_backend):
+    out = tmp_path / "console.log"
+    out.write_text("old contents that must go\n" * 10)
+    proc = vmm("run", "guests/hello64.elf", "--serial", str(out), "--backend", vmm_backend)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert out.read_text() == "hello from long mode\n"
+    none = vmm("run", "guests/hello64.elf", "--serial", "none", "--backend", vmm_backend)
+    assert none.returncode == 1 and none.stdout == ""
+
+
+@pytest.mark.parametrize(("target", "fragment"), [(".", "is a directory"), ("/nonexistent/dir/f", "No such file")])
+def test_serial_refuses_what_it_cannot_write_in_one_line(target, fragment):
+    proc = vmm("run", "guests/hello64.elf", "--serial", target)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr

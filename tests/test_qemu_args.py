@@ -338,6 +338,14 @@ def test_fw_cfg_passes_through_verbatim() -> None:
     assert ns.fw_cfg == ["name=opt/a,file=/tmp/a", "opt/b,string=x,,y"]
 
 
+@pytest.mark.parametrize(
+    ("option", "serial"),
+    [("stdio", "stdio"), ("none", "none"), ("file:/tmp/con.log", "/tmp/con.log"), ("file:none", "./none")],
+)
+def test_serial_targets(option: str, serial: str) -> None:
+    assert vmm_run(f"-kernel k -serial {option}").serial == serial
+
+
 def test_paths_and_values_that_look_like_options() -> None:
     ns = vmm_run("-kernel -weird.elf -append --verbose -initrd '-mod -x'")
     assert (ns.image, ns.append, ns.module) == ("-weird.elf", "--verbose", [("-mod", "-mod -x")])
@@ -407,7 +415,8 @@ def test_initrd_refusals(initrd: str, fragment: str) -> None:
         ("-chardev file,id=testlog,path=msr.out", "-chardev"),
         ("--cdrom x.iso", "--cdrom"),
         ("-m=64", "-m=64"),  # QEMU has no -opt=value form either
-        ("-serial none", "-serial none"),
+        ("-serial file:", "-serial file:"),
+        ("-serial none -serial stdio", "-serial stdio"),
         ("-serial mon:stdio", "-serial mon:stdio"),
         ("-serial stdio -serial stdio", "-serial stdio"),
         ("-display gtk", "-display gtk"),

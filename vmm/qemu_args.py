@@ -14,7 +14,8 @@ Mapped: ``-kernel FILE`` (required) -> IMAGE; ``-append T`` -> ``--append=T``; `
 ``-enable-kvm`` -> ``--backend``; ``kernel-irqchip=on|off`` -> ``--irqchip``; ``-fw_cfg X`` ->
 ``--fw-cfg=X`` verbatim (vmm checks it as QEMU does); ``-gdb DEV`` -> ``--gdb=DEV`` (vmm takes
 ``tcp::PORT`` and ``tcp:HOST:PORT``), ``-s`` -> ``--gdb=tcp::1234`` (the later of the two wins,
-as in QEMU), ``-S`` -> ``-S`` (the guest waits for gdb; without a stub vmm refuses it).
+as in QEMU), ``-S`` -> ``-S`` (the guest waits for gdb; without a stub vmm refuses it);
+``-serial none|file:F`` (once) -> ``--serial=none|F``.
 Accepted as what vmm is: ``-cpu host|max`` (the backend's CPUID), ``-device isa-debug-exit,
 iobase=0xf4,iosize=1|2|4``, ``-nodefaults``, ``-no-user-config``, ``-no-reboot`` (a reset always
 ends the run), ``-nographic``, ``-display none``, ``-vnc none``, ``-vga none``, ``-serial stdio``
@@ -153,6 +154,7 @@ class _State:
     serials: int = 0
     gdb: str | None = None
     gdb_wait: bool = False
+    serial: str = "stdio"
     warnings: list[str] = field(default_factory=list)
 
     def warn(self, text: str) -> None:
@@ -186,11 +188,18 @@ def _accel(state: _State, option: str, arg: str) -> None:
 
 
 def _serial(state: _State, option: str, arg: str) -> None:
-    if arg != "stdio":
-        raise _refuse(f"{option} {arg}", "only stdio: the console is vmm's stdout")
+    if arg in ("stdio", "none"):
+        target = arg
+    elif arg.startswith("file:") and len(arg) > len("file:"):
+        target = arg[len("file:") :]
+        if target in ("stdio", "none"):
+            target = "./" + target  # a file of that name, not vmm's keyword
+    else:
+        raise _refuse(f"{option} {arg}", "only stdio, none or file:PATH")
     state.serials += 1
     if state.serials > 1:
         raise _refuse(f"{option} {arg}", "a second serial port")
+    state.serial = target
 
 
 def _device(state: _State, option: str, arg: str) -> None:
@@ -292,6 +301,7 @@ def translate(argv: Sequence[str]) -> QemuTranslation:
     run_args += [f"--fw-cfg={_carried('-fw_cfg', text)}" for text in state.fw_cfg]
     run_args += [f"--gdb={state.gdb}"] if state.gdb is not None else []
     run_args += ["-S"] if state.gdb_wait else []
+    run_args += [f"--serial={state.serial}"] if state.serial != "stdio" else []
     return QemuTranslation(run_args=[*run_args, "--", state.kernel], warnings=state.warnings, kernel=state.kernel)
 
 
