@@ -19,7 +19,7 @@ PC_DEPS := guests/include/pc.inc guests/include/lib32.S
 
 .SECONDARY:
 
-.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private lab-bench wheel-check lint-workflows clean
+.PHONY: run test test-kvm test-emulator guests lint bench lab-test lab-test-private lab-bench lab-bench-linux wheel-check lint-workflows clean
 
 $(STAMP): pyproject.toml setup.py kvm_abi/_cdefs.py kvm_abi/_build.py
 	$(PYTHON) -m venv $(VENV)
@@ -119,6 +119,11 @@ lab-test: $(STAMP)
 LAB_KERNEL ?= 7
 lab-bench: $(STAMP)
 	@lab/run --kernel $(LAB_KERNEL) --timeout 3600 -- lab/bench-faults
+
+# Time to init of a Linux boot in the lab: vmm run --kernel (--prefault none/auto) against
+# QEMU -accel kvm -M microvm and -M pc, on the lab's own kernel (LAB_KERNEL=6.12 for the other).
+lab-bench-linux: $(STAMP)
+	@lab/run --kernel $(LAB_KERNEL) --timeout 3600 -- lab/bench-linux
 
 # The same with CONFIG_KVM_SW_PROTECTED_VM rebuilt into the lab's KVM (a few minutes the
 # first time): private memory and pre-faulting it.

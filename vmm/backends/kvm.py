@@ -37,13 +37,16 @@ _EAGAIN = -errno.EAGAIN
 
 CPUID1_ECX_X2APIC = 1 << 21
 CPUID1_ECX_TSC_DEADLINE = 1 << 24
+CPUID1_ECX_HYPERVISOR = 1 << 31
 CPUID1_EDX_APIC = 1 << 9
 MSR_IA32_APIC_BASE = 0x1B
 
 
 def cpuid_for_vcpu(supported: Cpuid2, index: int, *, irqchip: bool = True, tsc_deadline: bool = False) -> Cpuid2:
     """A copy of KVM's supported CPUID for vCPU ``index``: its APIC id filled in (leaf 1
-    EBX bits 31:24, leaves 0xb/0x1f EDX), as a guest enumerating CPUs expects. With the
+    EBX bits 31:24, leaves 0xb/0x1f EDX), as a guest enumerating CPUs expects, and the
+    hypervisor bit (leaf 1 ECX bit 31: KVM 6.12 leaves it out of its supported CPUID, and
+    without it Linux does not look for KVM's leaves 0x40000000, so no kvmclock). With the
     in-kernel irqchip, x2APIC as KVM offers it and TSC-deadline where KVM_CAP_TSC_DEADLINE_TIMER
     says so (KVM reports that one as a capability, not in its CPUID); without one, no local
     APIC at all, so a guest does not poll registers nobody implements."""
@@ -54,6 +57,7 @@ def cpuid_for_vcpu(supported: Cpuid2, index: int, *, irqchip: bool = True, tsc_d
         e = cpuid.entries[i]
         if e.function == 1:
             e.ebx = (e.ebx & 0x00FFFFFF) | ((index & 0xFF) << 24)
+            e.ecx |= CPUID1_ECX_HYPERVISOR
             if not irqchip:
                 e.ecx &= ~(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE)
                 e.edx &= ~CPUID1_EDX_APIC
