@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 AS     ?= as
 LD     ?= ld
 
-GUESTS64 := hello64 user64 memtouch64 readpages64 pio-loop64 smp64 spin64 ud64 mmio64 echo64
+GUESTS64 := hello64 user64 memtouch64 readpages64 pio-loop64 smp64 spin64 ud64 mmio64 uartecho64
 GUESTS32 := hello32
 GUESTS16 := hello16 triple-fault
 GUESTS_PC := mbinfo smp apic-timer exceptions realmode8000

@@ -76,6 +76,7 @@ CASES = [
     Case("pio-loop64.elf", b"", 1, {"args": {"count": "500"}, "mode": "user"}, id="pio-loop64-ring3"),
     Case("smp64.elf", b"cpu 0 of 3\ncpu 1 of 3\ncpu 2 of 3\n", 1, {"vcpus": 3}, sort_lines=True),
     Case("spin64.elf", b"", 124, {"timeout": 0.5}),
+    Case("uartecho64.elf", b"echo: ready\n", 124, {"timeout": 0.5}),  # no input: it polls LSR.DR on
     Case("triple-fault.bin", b"triple fault next\n", 4, crash_at_ud2=True),
     Case("ud64.elf", b"invalid opcode next\n", 4, crash_at_ud2=True),
     Case("mmio64.elf", b"mmio read 0x00000000ffffffff\n", 1),

@@ -1,7 +1,7 @@
 """Console input: the 16550's receive side (FIFO, LSR.DR, the received-data interrupt and
 its priority in IIR), the bounded host queue, QEMU's Ctrl-A escape, and `vmm run` fed from
 a pipe (both backends) and from a terminal (a pty: raw mode while the guest runs, restored
-however the run ends; Ctrl-A x quits). The guest is guests/echo64.elf: it polls LSR.DR,
+however the run ends; Ctrl-A x quits). The guest is guests/uartecho64.elf: it polls LSR.DR,
 echoes what it reads and exits with the count at Ctrl-D."""
 
 from __future__ import annotations
@@ -107,13 +107,13 @@ def test_input_reaches_the_queue_as_it_arrives_and_eof_just_stops():
 
 
 def test_a_guest_reads_what_a_pipe_feeds(vmm_backend):
-    proc = vmm("run", "guests/echo64.elf", "--backend", vmm_backend, input="hello\nworld\n\x04")
+    proc = vmm("run", "guests/uartecho64.elf", "--backend", vmm_backend, input="hello\nworld\n\x04")
     assert proc.stdout == "echo: ready\nhello\nworld\n", proc.stderr
     assert proc.returncode == (12 << 1) | 1, proc.stderr
 
 
 def test_after_eof_the_guest_runs_on_until_its_end(vmm_backend):
-    proc = vmm("run", "guests/echo64.elf", "--backend", vmm_backend, "--timeout", "1", input="ab")
+    proc = vmm("run", "guests/uartecho64.elf", "--backend", vmm_backend, "--timeout", "1", input="ab")
     assert proc.stdout == "echo: ready\nab" and proc.returncode == 124, proc.stderr
 
 
@@ -121,13 +121,13 @@ def test_after_eof_the_guest_runs_on_until_its_end(vmm_backend):
 
 
 class Pty:
-    """vmm run guests/echo64.elf with stdin and stdout on a pty slave."""
+    """vmm run guests/uartecho64.elf with stdin and stdout on a pty slave."""
 
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()
         self.before = termios.tcgetattr(self.slave)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmm", "run", "guests/echo64.elf", "-q"],
+            [sys.executable, "-m", "vmm", "run", "guests/uartecho64.elf", "-q"],
             stdin=self.slave, stdout=self.slave, stderr=subprocess.PIPE, cwd=ROOT, start_new_session=True,
         )  # fmt: skip
         self.seen = b""

@@ -1,4 +1,4 @@
-/* echo64: 64-bit long mode, ring 0, ELF64 at 1 MiB. Reads the 16550's receive side by
+/* uartecho64: 64-bit long mode, ring 0, ELF64 at 1 MiB. Reads the 16550's receive side by
  * polling LSR.DR (so it needs no interrupt controller: both backends), echoes every byte
  * back to COM1, and stops at the first Ctrl-D (0x04): it exits with the number of bytes
  * it read before it (mod 256). Prints "echo: ready\n" first, so a test knows it is
