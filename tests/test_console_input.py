@@ -165,7 +165,9 @@ def test_on_a_terminal_ctrl_a_x_quits_and_the_terminal_is_restored(pty):
     pty.read_until(b"ab\x03\x01")
     os.write(pty.master, b"\x01x")
     status, err = pty.finish()
-    assert status == 130 and err == "", err
+    assert (
+        status == 130 and [line for line in err.splitlines() if "running on the in-process emulator" not in line] == []
+    )
     assert termios.tcgetattr(pty.slave) == pty.before
 
 
