@@ -139,6 +139,8 @@ def main(argv: list[str]) -> int:
             for _ in range(args.repeat):
                 for name, (fn, option) in configs.items():
                     runs[name].append(fn(kernel, initrd, args, option))
+                    # One line per run as it ends: what was measured survives a wedged lab.
+                    print(f"lab_linux: {name}: {json.dumps(runs[name][-1])}", file=sys.stderr, flush=True)
         except BenchError as e:
             print(f"lab_linux: {e}", file=sys.stderr)
             return 1
