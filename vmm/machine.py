@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from vmm import machine_extras as extras
 from vmm.backends import open_backend
 from vmm.backends.base import Backend, StopFlag, VcpuOutcome, VcpuRunner
 from vmm.bootinfo import write_boot_info
@@ -38,12 +39,12 @@ from vmm.result import (
     STATUS_CRASHED,
     STATUS_HALTED,
     STATUS_INTERRUPTED,
-    STATUS_RESET,
     STATUS_TIMEOUT,
     Console,
     Crash,
     RunResult,
     exit_status_for_value,
+    run_status,
 )
 
 __all__ = [
@@ -181,7 +182,7 @@ class Machine:
         if cfg.prefault and cfg.prefault != "none":
             self._prefault_report = self._prefault(backend, ram_ranges)
         if cfg.count_faults:
-            self._faults = self._fault_counter(backend, stack)
+            self._faults = extras.fault_counter(backend, stack)
         memory = backend.memory
         if image.pc:
             image.load(memory)  # the plan holds its own boot structures
@@ -216,7 +217,11 @@ class Machine:
             coalesce(self.bus.coalesce_ports(cfg.coalesce))
         if queue is not None and self._input_fd is not None:
             self._input = ConsoleInput(
-                self._input_fd, queue, serial.pull, escape=self._escape, on_quit=lambda: self._finish("quit", None)
+                self._input_fd,
+                queue,
+                serial.pull,
+                escape=self._escape,
+                on_quit=lambda: self._finish("quit", ESCAPE_QUIT),
             )
             stack.callback(self._input.stop)
         check_xsave = getattr(backend, "check_xsave", None)
@@ -235,62 +240,14 @@ class Machine:
             else:
                 runner.set_state(boot_state(image.mode, image.entry, index))
         if cfg.gdb is not None:
-            self.gdb = self._gdb_stub(backend, cfg.gdb, stack)
+            self.gdb = extras.gdb_stub(
+                backend, self.vcpus, cfg, kill=lambda: self._finish("gdb-kill", None), notice=self.notice, stack=stack
+            )
         if self.before_boot is not None:
             self.before_boot(self)
 
     def _prefault(self, backend: Backend, ranges: list[tuple[int, int]]) -> Any:
-        from vmm.prefault import prefault_backend
-
-        controllers = getattr(backend, "create_interrupt_controllers", None)
-        if controllers is not None:  # before the kernel strategies' helper vCPUs
-            controllers()
-
-        return prefault_backend(
-            backend,
-            ranges,
-            strategy=self.config.prefault or "auto",
-            threads=self.config.prefault_threads,
-            progress=self.progress,
-        )
-
-    def _fault_counter(self, backend: Backend, stack: contextlib.ExitStack) -> Any:
-        """A running FaultCounter, closed with the machine; vCPU threads join it as they
-        start, so pre-population and building are not counted. Imported only when asked."""
-        from vmm.errors import Unavailable
-        from vmm.faults import FaultCounter
-
-        if backend.name != "kvm":
-            raise Unavailable(f"--count-faults counts KVM's page faults; the {backend.name} backend takes none")
-        return stack.enter_context(FaultCounter())
-
-    def _gdb_stub(self, backend: Backend, address: str, stack: contextlib.ExitStack) -> Any:
-        """A listening gdb stub attached to every vCPU (KVM only: KVM_SET_GUEST_DEBUG)."""
-        from vmm.errors import Unavailable
-        from vmm.gdb.protocol import parse_address
-        from vmm.gdb.stub import GdbStub
-
-        if backend.name != "kvm":
-            raise Unavailable(f"--gdb needs the KVM backend (KVM_SET_GUEST_DEBUG); the {backend.name} backend has none")
-        from kvm_abi import Cap
-
-        vm = backend.vm  # type: ignore[attr-defined]
-        if not vm.check_extension(Cap.SET_GUEST_DEBUG):
-            raise Unavailable("--gdb: this KVM lacks KVM_CAP_SET_GUEST_DEBUG", "SET_GUEST_DEBUG")
-        stub = GdbStub(
-            parse_address(address),
-            self.vcpus,  # type: ignore[arg-type]
-            backend.memory,
-            wait=self.config.gdb_wait,
-            kill=lambda: self._finish("gdb-kill", None),
-            debug_flags=vm.check_extension(Cap.SET_GUEST_DEBUG2),
-        )
-        stack.callback(stub.close)
-        for runner in self.vcpus:
-            runner.debug = stub.session  # type: ignore[attr-defined]
-        held = "; the guest waits for gdb to continue it" if self.config.gdb_wait else ""
-        self.notice(f"gdb stub listening on {stub.host}:{stub.port}{held}")
-        return stub
+        return extras.prefault_ram(backend, ranges, self.config, progress=self.progress)
 
     # --- events from vCPU threads (and devices) ------------------------------------------
     def _finish(self, kind: str, detail: Any) -> None:
@@ -442,32 +399,8 @@ class Machine:
         self, seconds: float, timed_out: bool, interrupted: bool, idle: bool, timeout: float | None
     ) -> RunResult:
         assert self.backend is not None and self.image is not None
-        kind: str = ""
-        detail: Any = None
-        if self._end is not None:
-            kind, detail = self._end
-        exit_value: int | None = None
-        crash: Crash | None = None
-        if kind == "crash":
-            crash = detail
-            status, reason = STATUS_CRASHED, f"guest crashed: {detail.describe()}"
-        elif kind == "exit":
-            exit_value = detail
-            status, reason = exit_status_for_value(detail), f"guest exited with value {detail}"
-        elif kind == "reset":
-            status, reason = STATUS_RESET, f"guest reset the machine ({detail})"
-        elif kind == "gdb-kill":
-            status, reason = STATUS_HALTED, "killed from gdb"
-        elif kind == "quit":
-            status, reason = STATUS_INTERRUPTED, f"stopped from the console ({ESCAPE_QUIT})"
-        elif kind == "broken-pipe":
-            status, reason = STATUS_BROKEN_PIPE, "stopped: the console's reader went away (broken pipe)"
-        elif interrupted:
-            status, reason = STATUS_INTERRUPTED, "interrupted"
-        elif timed_out and not idle:
-            status, reason = STATUS_TIMEOUT, f"timeout after {timeout:g} s"
-        else:
-            status, reason = STATUS_HALTED, "all vCPUs halted"
+        status, reason = run_status(self._end, interrupted=interrupted, timed_out=timed_out, idle=idle, timeout=timeout)
+        kind, detail = self._end if self._end is not None else ("", None)
         return RunResult(
             status=status,
             reason=reason,
@@ -476,8 +409,8 @@ class Machine:
             exits=[r.counts.as_dict() for r in self.vcpus],
             seconds=seconds,
             backend=self.backend.name,
-            exit_value=exit_value,
-            crash=crash,
+            exit_value=detail if kind == "exit" else None,
+            crash=detail if kind == "crash" else None,
             marks=list(self.marker.marks),
             run_started_ns=self._run_started_ns,
             prefault=self._prefault_report,

@@ -40,6 +40,35 @@ class Crash:
         return f"vCPU {self.vcpu}: {self.detail}{where}"
 
 
+def run_status(
+    end: tuple[str, Any] | None, *, interrupted: bool, timed_out: bool, idle: bool, timeout: float | None
+) -> tuple[int, str]:
+    """The status and reason of a run, a pure function of how it ended: ``end`` is the first
+    terminal event, ``(kind, detail)`` (``exit`` value, ``crash`` Crash, ``reset`` source,
+    ``gdb-kill``, ``quit``, ``broken-pipe``), or None when the run ended otherwise: a Ctrl-C
+    (``interrupted``), the timeout (``timed_out``, unless every vCPU had halted for good:
+    ``idle``), or every vCPU halting."""
+    if end is not None:
+        kind, detail = end
+        if kind == "crash":
+            return STATUS_CRASHED, f"guest crashed: {detail.describe()}"
+        if kind == "exit":
+            return exit_status_for_value(detail), f"guest exited with value {detail}"
+        if kind == "reset":
+            return STATUS_RESET, f"guest reset the machine ({detail})"
+        if kind == "gdb-kill":
+            return STATUS_HALTED, "killed from gdb"
+        if kind == "quit":
+            return STATUS_INTERRUPTED, f"stopped from the console ({detail})"
+        if kind == "broken-pipe":
+            return STATUS_BROKEN_PIPE, "stopped: the console's reader went away (broken pipe)"
+    if interrupted:
+        return STATUS_INTERRUPTED, "interrupted"
+    if timed_out and not idle:
+        return STATUS_TIMEOUT, f"timeout after {timeout:g} s"
+    return STATUS_HALTED, "all vCPUs halted"
+
+
 @dataclass
 class RunResult:
     """What a run produced. ``status`` is the process exit status (DESIGN.md)."""
