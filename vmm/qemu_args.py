@@ -38,8 +38,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 
+from vmm import qemu_opts as qo  # QEMU's option syntax
 from vmm.cpu.layout import BootLayout
 from vmm.errors import InputError
 
@@ -52,8 +52,6 @@ _ABSENT_DEVICES = {"usb", "vmport", "hpet", "acpi", "graphics", "smbus", "sata"}
 _HOST_ONLY = {"dump-guest-core", "mem-merge"}
 _TCG_TUNING = {"thread", "tb-size", "one-insn-per-tb", "split-wx"}
 _SMP_KEYS = ("cpus", "maxcpus", "drawers", "books", "sockets", "dies", "clusters", "modules", "cores", "threads")
-_SIZE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)([bBkKmMgGtTpPeE]?)")
-_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _AS_VMM_IS = ("nodefaults", "no-user-config", "no-reboot", "nographic")  # flags that describe vmm as it is
 PC_TESTDEV = "ports 0xe0-0xeb and 0x2000-0x2017, MMIO 0xff000000-0xff00ffff"
 
@@ -67,77 +65,6 @@ class QemuTranslation:
     run_args: list[str]
     warnings: list[str]
     kernel: str
-
-
-def _show(text: str) -> str:
-    return text if text.isprintable() else repr(text)
-
-
-def _refuse(what: str, why: str = "") -> InputError:
-    return InputError(f"qemu option {_show(what)} is not supported by vmm" + (f" ({why})" if why else ""))
-
-
-def _value_end(text: str, i: int) -> tuple[str, int]:
-    """QEMU's get_opt_value: the value from ``i`` to the next lone ``,`` (``,,`` is a comma),
-    and the index of that ``,`` (``len(text)`` at the end)."""
-    out: list[str] = []
-    while True:
-        j = text.find(",", i)
-        if j < 0:
-            out.append(text[i:])
-            return "".join(out), len(text)
-        if text.startswith(",,", j):
-            out.append(text[i : j + 1])
-            i = j + 2
-            continue
-        out.append(text[i:j])
-        return "".join(out), j
-
-
-def _params(option: str, text: str, implied: str | None) -> list[tuple[str, str]]:
-    """QemuOpts parameters ``[implied=]v,key=value,flag`` as (key, value) pairs, in order."""
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(text):
-        stop = min(k for k in (text.find("=", i), text.find(",", i), len(text)) if k >= 0)
-        if stop < len(text) and text[stop] == "=":
-            key = text[i:stop]
-            value, i = _value_end(text, stop + 1)
-        elif not pairs and implied:
-            key = implied
-            value, i = _value_end(text, i)
-        else:
-            key, value, i = text[i:stop], "on", stop  # a bare flag, as QemuOpts reads it
-        pairs.append((key, value))
-        i += 1  # past the ","
-    if any(not key for key, _ in pairs):
-        raise InputError(f"qemu option {option} {_show(text)}: a parameter has no name")
-    return pairs
-
-
-def _number(option: str, key: str, text: str) -> int:
-    """An unsigned integer as qemu_strtou64 with base 0 reads it (0x hex, 0 octal, decimal)."""
-    if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
-        return int(text, 16)
-    if re.fullmatch(r"0[0-7]*", text):
-        return int(text, 8)
-    if re.fullmatch(r"[1-9][0-9]*", text):
-        return int(text)
-    raise InputError(f"qemu option {option} {key}={_show(text)}: not a number")
-
-
-def _size(text: str) -> int:
-    """qemu_strtosz: bytes, with an optional k/M/G/T/P/E suffix; a fraction needs a suffix."""
-    m = _SIZE.fullmatch(text)
-    if not m or (m.group(1).lower().startswith("0x") and "." in m.group(1)):
-        raise InputError(f"qemu option -m {_show(text)}: not a size (use a number with k, M, G or T)")
-    number, shift = m.group(1), _SHIFT[m.group(2).lower()]
-    if number.lower().startswith("0x"):
-        return int(number, 16) << shift
-    value = Fraction(number)
-    if shift == 0 and value.denominator != 1:
-        raise InputError(f"qemu option -m {_show(text)}: a fraction of a byte (add a suffix: M, G)")
-    return int(value * (1 << shift))
 
 
 @dataclass
@@ -166,13 +93,13 @@ class _State:
 def _only(*values: str) -> Callable[[_State, str, str], None]:
     def handler(state: _State, option: str, arg: str) -> None:
         if arg not in values:
-            raise _refuse(f"{option} {arg}", f"only {' or '.join(values)}")
+            raise qo.refuse(f"{option} {arg}", f"only {' or '.join(values)}")
 
     return handler
 
 
 def _machine(state: _State, option: str, arg: str) -> None:
-    for key, value in _params(option, arg, "type"):
+    for key, value in qo.params(option, arg, "type"):
         state.machine[key.replace("_", "-")] = value  # keyval_dashify: kernel_irqchip is kernel-irqchip
 
 
@@ -181,9 +108,9 @@ def _enable_kvm(state: _State, option: str, arg: str) -> None:
 
 
 def _accel(state: _State, option: str, arg: str) -> None:
-    params = _params(option, arg, "accel")
+    params = qo.params(option, arg, "accel")
     if not params or params[0][0] != "accel":
-        raise _refuse(f"{option} {arg}", "name the accelerator first: kvm or tcg")
+        raise qo.refuse(f"{option} {arg}", "name the accelerator first: kvm or tcg")
     state.accels.append((params[0][1], params[1:]))
 
 
@@ -195,41 +122,41 @@ def _serial(state: _State, option: str, arg: str) -> None:
         if target in ("stdio", "none"):
             target = "./" + target  # a file of that name, not vmm's keyword
     else:
-        raise _refuse(f"{option} {arg}", "only stdio, none or file:PATH")
+        raise qo.refuse(f"{option} {arg}", "only stdio, none or file:PATH")
     state.serials += 1
     if state.serials > 1:
-        raise _refuse(f"{option} {arg}", "a second serial port")
+        raise qo.refuse(f"{option} {arg}", "a second serial port")
     state.serial = target
 
 
 def _device(state: _State, option: str, arg: str) -> None:
-    params = _params(option, arg, "driver")
+    params = qo.params(option, arg, "driver")
     driver = params[0][1] if params and params[0][0] == "driver" else arg
     props = dict(params[1:])
     if driver == "isa-debug-exit":
         unknown = set(props) - {"iobase", "iosize", "id"}
         if unknown:
-            raise _refuse(f"{option} {driver},{sorted(unknown)[0]}=...", "only iobase, iosize and id")
-        iobase = _number(option, "iobase", props.get("iobase", "0x501"))  # QEMU's default is 0x501
-        iosize = _number(option, "iosize", props.get("iosize", "2"))
+            raise qo.refuse(f"{option} {driver},{sorted(unknown)[0]}=...", "only iobase, iosize and id")
+        iobase = qo.number(option, "iobase", props.get("iobase", "0x501"))  # QEMU's default is 0x501
+        iosize = qo.number(option, "iosize", props.get("iosize", "2"))
         if iobase != EXIT_IOBASE or iosize not in (1, 2, 4):
-            raise _refuse(f"{option} {arg}", "vmm's exit port is iobase=0xf4 with iosize 1, 2 or 4")
+            raise qo.refuse(f"{option} {arg}", "vmm's exit port is iobase=0xf4 with iosize 1, 2 or 4")
     elif driver == "pc-testdev":
         state.warn(f"-device pc-testdev is ignored: vmm does not emulate it ({PC_TESTDEV}); tests that use it fail")
     elif driver == "pci-testdev":
         state.warn("-device pci-testdev is ignored: vmm has no PCI bus, so the guest finds no such device")
     else:
-        raise _refuse(f"{option} {driver}")
+        raise qo.refuse(f"{option} {driver}")
 
 
 def _global(state: _State, option: str, arg: str) -> None:
-    params = dict(_params(option, arg, None))
+    params = dict(qo.params(option, arg, None))
     if set(params) == {"driver", "property", "value"}:
         params = {f"{params['driver']}.{params['property']}": params["value"]}
     if params == {"kvm-pit.lost_tick_policy": "discard"}:
         state.warn("-global kvm-pit.lost_tick_policy=discard is ignored: vmm keeps KVM's PIT tick re-injection")
     elif params != {"kvm-pit.lost_tick_policy": "delay"}:  # delay: what KVM, and so vmm, does
-        raise _refuse(f"{option} {arg}")
+        raise qo.refuse(f"{option} {arg}")
 
 
 # name -> (takes an argument, handler); names as QEMU's qemu-options.hx spells them.
@@ -238,8 +165,8 @@ _OPTIONS: dict[str, tuple[bool, Callable[[_State, str, str], None]]] = {
     "append": (True, lambda state, option, arg: setattr(state, "append", arg)),
     "initrd": (True, lambda state, option, arg: setattr(state, "initrd", arg)),
     "cpu": (True, lambda state, option, arg: setattr(state, "cpu", arg)),
-    "m": (True, lambda state, option, arg: state.mem.update(_params(option, arg, "size"))),
-    "smp": (True, lambda state, option, arg: state.smp.update(_params(option, arg, "cpus"))),
+    "m": (True, lambda state, option, arg: state.mem.update(qo.params(option, arg, "size"))),
+    "smp": (True, lambda state, option, arg: state.smp.update(qo.params(option, arg, "cpus"))),
     "machine": (True, _machine),
     "M": (True, _machine),
     "enable-kvm": (False, _enable_kvm),
@@ -266,11 +193,11 @@ def _scan(argv: Sequence[str]) -> Iterator[tuple[str, str, str]]:
     while i < len(argv):
         written = argv[i]
         if not written.startswith("-"):
-            raise InputError(f"qemu disk image argument {_show(written)} is not supported by vmm (boot with -kernel)")
+            raise InputError(f"qemu disk image argument {qo.show(written)} is not supported by vmm (boot with -kernel)")
         name = written[2:] if written.startswith("--") else written[1:]
         spec = _OPTIONS.get(name)
         if spec is not None and spec[0] and i + 1 >= len(argv):
-            raise InputError(f"qemu option {_show(written)} requires an argument")
+            raise InputError(f"qemu option {qo.show(written)} requires an argument")
         takes = spec is not None and spec[0]
         yield name, written, argv[i + 1] if takes else ""
         if spec is None:
@@ -284,7 +211,7 @@ def translate(argv: Sequence[str]) -> QemuTranslation:
     state = _State()
     for name, written, arg in _scan(argv):
         if name not in _OPTIONS or name in _QUERIES:
-            raise _refuse(written)
+            raise qo.refuse(written)
         _OPTIONS[name][1](state, written, arg)
     if state.kernel is None:
         raise InputError("qemu option -kernel is required by vmm (it boots -kernel images only)")
@@ -307,22 +234,22 @@ def translate(argv: Sequence[str]) -> QemuTranslation:
 
 def _carried(option: str, text: str) -> str:
     if text == "--":  # argparse drops a value that is exactly "--", even as --opt=--
-        raise _refuse(f"{option} --", "vmm's option parser cannot carry the value '--'")
+        raise qo.refuse(f"{option} --", "vmm's option parser cannot carry the value '--'")
     return text
 
 
 def _mem(opts: dict[str, str]) -> str:
     extra = sorted(set(opts) - {"size"})
     if extra:
-        raise _refuse(f"-m {extra[0]}={opts[extra[0]]}", "no memory hotplug: give the size only")
+        raise qo.refuse(f"-m {extra[0]}={opts[extra[0]]}", "no memory hotplug: give the size only")
     text = opts.get("size")
     if text == "":
         raise InputError("qemu option -m size=: the size is empty")
-    size = _size(text) if text else 0
+    size = qo.size(text) if text else 0
     if size == 0:
         size = QEMU_DEFAULT_RAM  # QEMU: a zero or absent size is the machine's default
     elif text and text[-1] in "0123456789":
-        size = _size(text + "M")  # QEMU's legacy fix-up: a size ending in a digit is MiB
+        size = qo.size(text + "M")  # QEMU's legacy fix-up: a size ending in a digit is MiB
     size = -(-size // RAM_ALIGN) * RAM_ALIGN
     for suffix, shift in (("G", 30), ("M", 20)):
         if size % (1 << shift) == 0:
@@ -336,13 +263,13 @@ def _vcpus(opts: dict[str, str], state: _State) -> int:
     vals: dict[str, int] = {}
     for key, text in opts.items():
         if key not in _SMP_KEYS:
-            raise _refuse(f"-smp {key}={text}")
-        vals[key] = _number("-smp", key, text)
+            raise qo.refuse(f"-smp {key}={text}")
+        vals[key] = qo.number("-smp", key, text)
         if vals[key] == 0:
             raise InputError(f"qemu option -smp {shown}: CPU topology parameters must be greater than zero")
     for key in ("drawers", "books", "clusters"):
         if vals.get(key, 1) > 1:
-            raise _refuse(f"-smp {key}={vals[key]}", "x86 machines have no such topology level")
+            raise qo.refuse(f"-smp {key}={vals[key]}", "x86 machines have no such topology level")
     cpus, maxcpus = vals.get("cpus", 0), vals.get("maxcpus", 0)
     sockets, cores, threads = vals.get("sockets", 0), vals.get("cores", 0), vals.get("threads", 0)
     dies_modules = vals.get("dies", 1) * vals.get("modules", 1)
@@ -366,7 +293,7 @@ def _vcpus(opts: dict[str, str], state: _State) -> int:
             f"maxcpus = {maxcpus}, cpus = {cpus}"
         )
     if cpus > MAX_VCPUS:  # worded as QEMU's, so harnesses that probe for the limit find it
-        raise _refuse(f"-smp {shown}", f"Invalid SMP CPUs {cpus}. The max CPUs supported by vmm is {MAX_VCPUS}")
+        raise qo.refuse(f"-smp {shown}", f"Invalid SMP CPUs {cpus}. The max CPUs supported by vmm is {MAX_VCPUS}")
     if maxcpus > cpus:
         state.warn(f"-smp maxcpus={maxcpus} is ignored: no CPU hotplug, the guest has {cpus} vCPUs")
     if any(vals.get(k, 1) > 1 for k in ("sockets", "dies", "modules", "cores", "threads")):
@@ -383,7 +310,7 @@ def _backend(state: _State) -> str | None:
         names, where = [n for n in state.machine.get("accel", "").split(":") if n], "-machine accel="
     for name in names:
         if name not in ("kvm", "tcg"):
-            raise _refuse(where + name, "only kvm and tcg")
+            raise qo.refuse(where + name, "only kvm and tcg")
     if not names:
         return None
     if names[0] == "tcg":
@@ -400,11 +327,11 @@ def _irqchip(state: _State, backend: str | None) -> str | None:
             elif name == "tcg" and key in _TCG_TUNING:
                 state.warn(f"-accel tcg,{key}={text} is ignored: emulator tuning QEMU's TCG has and vmm's has not")
             else:
-                raise _refuse(f"-accel {name},{key}={text}")
+                raise qo.refuse(f"-accel {name},{key}={text}")
     if value is None:
         return None
     if value not in ("on", "off"):
-        raise _refuse(where + value, "only on or off: vmm has no split irqchip")
+        raise qo.refuse(where + value, "only on or off: vmm has no split irqchip")
     if backend == "emulator":
         state.warn(f"kernel-irqchip={value} is ignored: it is a KVM setting and the run uses the emulator")
         return None
@@ -416,8 +343,8 @@ def _check_cpu(cpu: str | None, backend: str | None) -> None:
         return
     if cpu != "host":
         if cpu.split(",")[0] in ("host", "max"):
-            raise _refuse(f"-cpu {cpu}", "no CPU feature flags or properties: the guest sees the backend's CPUID")
-        raise _refuse(f"-cpu {cpu}", "only host and max: the guest sees the backend's CPUID")
+            raise qo.refuse(f"-cpu {cpu}", "no CPU feature flags or properties: the guest sees the backend's CPUID")
+        raise qo.refuse(f"-cpu {cpu}", "only host and max: the guest sees the backend's CPUID")
     if backend == "emulator":
         raise InputError("qemu option -cpu host needs KVM (QEMU: CPU model 'host' requires KVM); use -cpu max")
 
@@ -428,7 +355,7 @@ def _check_machine(state: _State) -> None:
             continue
         if key == "type":
             if not _MACHINE_TYPES.fullmatch(value):
-                raise _refuse(f"-machine {value}", "machine types: pc, q35, microvm")
+                raise qo.refuse(f"-machine {value}", "machine types: pc, q35, microvm")
             if value != "pc":
                 state.warn(f"-machine {value} runs on vmm's one PC-like platform (no PCI, no ACPI)")
         elif key in _ABSENT_DEVICES and value == "off":
@@ -436,7 +363,7 @@ def _check_machine(state: _State) -> None:
         elif key in _HOST_ONLY:
             state.warn(f"-machine {key}={value} is ignored: a host-side memory hint")
         else:
-            raise _refuse(f"-machine {key}={value}")
+            raise qo.refuse(f"-machine {key}={value}")
 
 
 def _modules(initrd: str | None) -> list[tuple[str, str]]:
@@ -448,13 +375,13 @@ def _modules(initrd: str | None) -> list[tuple[str, str]]:
     modules: list[tuple[str, str]] = []
     i = 0
     while i < len(initrd):
-        text, i = _value_end(initrd, i)
+        text, i = qo.value_end(initrd, i)
         i += 1 if i < len(initrd) else 0
         path = text.split(" ", 1)[0]
         if not path:
-            raise InputError(f"qemu option -initrd {_show(initrd)}: module {len(modules) + 1} has no file name")
+            raise InputError(f"qemu option -initrd {qo.show(initrd)}: module {len(modules) + 1} has no file name")
         if "=" in path:
-            raise _refuse(f"-initrd {path}", "vmm's --module FILE=STRING cannot carry a file name with '='")
+            raise qo.refuse(f"-initrd {path}", "vmm's --module FILE=STRING cannot carry a file name with '='")
         modules.append((path, text))
     return modules
 
