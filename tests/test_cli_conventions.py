@@ -164,8 +164,8 @@ def test_a_non_utf8_file_is_refused(tmp_path):
     [
         ("missing", "no such file"),
         ("directory", "is a directory"),
-        ("fifo", "not a regular file"),
-        ("device", "not a regular file"),
+        ("fifo", "is a FIFO, not a config file"),
+        ("device", "is a character device, not a config file"),
     ],
 )
 def test_config_paths_that_are_not_files_are_one_line_and_status_2(tmp_path, kind, fragment):

@@ -11,7 +11,6 @@ is ``"64M"`` (or a number of bytes), paths are relative to the current directory
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,32 +57,17 @@ def split_module(text: str) -> tuple[str, str | None]:
 
 
 def _read(path: str) -> bytes:
-    """The file's bytes; InputError for anything but a readable regular file of sane size.
-    Opened non-blocking, so a FIFO is refused instead of waiting for a writer."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise InputError(f"--config {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"--config {path}: is a directory") from None
-    except OSError as e:
-        raise InputError(f"--config {path}: cannot open: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise InputError(f"--config {path}: is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"--config {path}: not a regular file")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise InputError(f"--config {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB")
-        chunks = []
-        while data := os.read(fd, 1 << 16):
-            chunks.append(data)
-        return b"".join(chunks)
-    except OSError as e:
-        raise InputError(f"--config {path}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
+    """The file's bytes; InputError for anything but a readable regular file of sane size
+    (a FIFO is refused instead of waiting for a writer)."""
+    from vmm.files import read_regular_file
+
+    return read_regular_file(
+        path,
+        max_size=MAX_CONFIG_BYTES,
+        what="a config file",
+        label=f"--config {path}",
+        too_big=lambda _: f"larger than {MAX_CONFIG_BYTES >> 20} MiB",
+    )
 
 
 def _parse(path: str, data: bytes) -> Any:

@@ -73,52 +73,18 @@ def read_image(path: str | Path, *, max_size: int = BootLayout.MAX_RAM) -> bytes
     image goes into; the default is the most RAM this VMM gives a guest).
 
     One-line InputError for a missing, unreadable, empty or too large file, and for
-    anything that is not a regular file: a FIFO would block past any ``--timeout`` and a
-    device such as /dev/zero never ends. The path is stat()ed before it is opened (opening
-    some devices has effects), opened with O_NONBLOCK, and what was opened is fstat()ed
-    again before a byte is read, so no read blocks or runs unbounded.
+    anything that is not a regular file (:func:`vmm.files.read_regular_file`).
     """
-    import os  # local: the module's imports are shared with plan_image's editors
-    import stat
+    from vmm.files import read_regular_file
 
-    p = Path(path)
-
-    def refuse_unless_regular(mode: int) -> None:
-        if stat.S_ISREG(mode):
-            return
-        kinds = (
-            (stat.S_ISDIR, "a directory"),
-            (stat.S_ISFIFO, "a FIFO"),
-            (stat.S_ISCHR, "a character device"),
-            (stat.S_ISBLK, "a block device"),
-            (stat.S_ISSOCK, "a socket"),
-        )
-        kind = next((name for test, name in kinds if test(mode)), "not a regular file")
-        raise InputError(f"{p}: is {kind}, not an image")
-
-    try:
-        refuse_unless_regular(os.stat(p).st_mode)
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except PermissionError:
-        raise InputError(f"{p}: permission denied") from None
-    except OSError as e:
-        raise InputError(f"{p}: cannot read: {e.strerror}") from None
-    with open(fd, "rb") as f:  # closes fd
-        st = os.fstat(fd)
-        refuse_unless_regular(st.st_mode)  # the path may have been replaced since the stat
-        if st.st_size > max_size:
-            raise InputError(f"{p}: {st.st_size:,} bytes do not fit in guest RAM ({max_size:,} bytes); give more --mem")
-        try:
-            # One byte beyond the size fstat gave tells a file that grows while it is read.
-            data = f.read(st.st_size + 1)
-        except OSError as e:
-            raise InputError(f"{p}: cannot read: {e.strerror}") from None
-    if len(data) > st.st_size:
-        raise InputError(f"{p}: the file changed while it was read")
+    data = read_regular_file(
+        path,
+        max_size=max_size,
+        what="an image",
+        too_big=lambda size: f"{size:,} bytes do not fit in guest RAM ({max_size:,} bytes); give more --mem",
+    )
     if not data:
-        raise InputError(f"{p}: empty image")
+        raise InputError(f"{path}: empty image")
     return data
 
 
