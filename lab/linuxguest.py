@@ -9,7 +9,8 @@ reset, status 0), so a run never waits for its timeout.
 The kernel comes from the lab's cache (``.cache/lab/kernel/``, the running release inside
 the lab) and busybox from the lab's unpacked ``busybox-static`` (``lab/build`` downloads it
 with ``apt-get download`` and unpacks it with ``dpkg-deb -x``). The archive is written
-with the lab's own cpio writer (:class:`labbuild.Cpio`). Used by tests/test_linux_lab.py
+with the lab's own cpio writer (:class:`labbuild.Cpio`). :data:`SHELL_INIT` instead
+gives the console to an interactive shell. Used by tests/test_linux_lab.py
 and bench/lab_linux.py; ``python3 lab/linuxguest.py OUT`` writes the initramfs to OUT.
 """
 
@@ -41,6 +42,19 @@ echo "{MARKER} cpus=$cpus"
     /bin/busybox dd of=/dev/port bs=1 seek={EXIT_PORT} conv=notrunc 2>/dev/null
 echo "{MARKER}: the exit port did not end the run; rebooting"
 /bin/busybox reboot -f
+"""
+
+
+SHELL_READY = "VMM-SHELL-READY"
+#: A /init that hands the console to an interactive busybox shell: what a user types (the
+#: bytes ``vmm run`` reads from its stdin) reaches it through the 16550's receive side.
+SHELL_INIT = f"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /dev
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s /bin
+export PATH=/bin
+echo "{SHELL_READY}"
+exec sh
 """
 
 
