@@ -128,7 +128,8 @@ def plan_image(
 
     The plan of an unchanged image with the same arguments is reused (:func:`_plan_key`):
     planning is pure, and a suite running one image a thousand times plans it once."""
-    key = _plan_key(path, ram, mode, load_addr, entry, cmdline, modules, initrd, nr_vcpus)
+    other_files = bool(modules) or initrd is not None
+    key = _plan_key(path, other_files, (tuple(ram), mode, load_addr, entry, cmdline, nr_vcpus))
     cached = _PLANS.get(key) if key is not None else None
     if cached is not None:
         return cached
@@ -148,27 +149,17 @@ _PLANS: dict[tuple[object, ...], ImagePlan] = {}
 _PLANS_LOCK = threading.Lock()
 
 
-def _plan_key(
-    path: str | Path,
-    ram: Sequence[tuple[int, int]],
-    mode: CpuMode | None,
-    load_addr: int | None,
-    entry: int | None,
-    cmdline: str,
-    modules: Sequence[tuple[str, str | None]],
-    initrd: str | None,
-    nr_vcpus: int,
-) -> tuple[object, ...] | None:
+def _plan_key(path: str | Path, other_files: bool, arguments: tuple[object, ...]) -> tuple[object, ...] | None:
     """What a plan depends on, or None where it is not worth keeping: the image file by
     device, inode, size, modification and change time (a file rewritten in place, even
     within the same second, changes ``st_ctime_ns``), and every argument. Plans are pure
     and frozen (ImagePlan's segments are bytes), so a later run of an unchanged image
-    reuses the plan and its checks. Images with modules or an initrd (other files) are
+    reuses the plan and its checks. Images with modules or an initrd (``other_files``) are
     planned afresh; anything but a regular file too, so ``read_image`` refuses it."""
     import os
     import stat
 
-    if modules or initrd is not None:
+    if other_files:
         return None
     try:
         st = os.stat(path)
@@ -177,7 +168,7 @@ def _plan_key(
     if not stat.S_ISREG(st.st_mode):
         return None
     file_id = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return (*file_id, tuple(ram), mode, load_addr, entry, cmdline, nr_vcpus)
+    return (*file_id, *arguments)
 
 
 def _plan_image(
